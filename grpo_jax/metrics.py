@@ -107,3 +107,28 @@ def _smooth(values, window: int = 10):
     counts = np.minimum(np.arange(1, len(values) + 1), window)
     starts = np.arange(1, len(values) + 1) - counts
     return (cumulative[np.arange(1, len(values) + 1)] - cumulative[starts]) / counts
+
+
+def plot_comparison(results: dict[str, dict], keys, out_png: str, title: str = "") -> str:
+    """Grouped bars: one group per metric in `keys`, one bar per model in `results` ({name: metrics})."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    width = 0.8 / len(names)
+    fig, ax = plt.subplots(figsize=(1.6 + 2.2 * len(keys), 3.4))
+    for i, name in enumerate(names):
+        values = [results[name].get(key, float("nan")) for key in keys]
+        bars = ax.bar(np.arange(len(keys)) + (i - (len(names) - 1) / 2) * width, values, width, label=name)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.set_xticks(np.arange(len(keys)), keys)
+    ax.set_ylim(0, 1.1)
+    ax.set_title(title)
+    ax.legend(fontsize=8, ncols=len(names), loc="upper center", bbox_to_anchor=(0.5, -0.12))
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import optax
 
 SCHEDULES = ("constant", "linear", "cosine")
@@ -19,8 +20,9 @@ class OptimizerConfig:
     """AdamW hyper-parameters and the learning-rate schedule.
 
     schedule: after `warmup_steps` of linear warmup from 0, "constant" holds `learning_rate`, "linear"
-      and "cosine" decay it to 0 at `total_steps` (which they need).
-    weight_decay: decoupled, applied to matrices and embeddings only (not to norms or biases).
+      and "cosine" decay it to `end_lr_ratio * learning_rate` at `total_steps` (which they need).
+    weight_decay: decoupled, applied to matrices only (not to norms or biases), and to the embedding
+      table unless `decay_embeddings` is False.
     max_grad_norm: clip the global gradient norm to this before Adam; None turns clipping off.
     """
 
@@ -28,7 +30,9 @@ class OptimizerConfig:
     warmup_steps: int = 0
     schedule: str = "constant"
     total_steps: int | None = None
+    end_lr_ratio: float = 0.0
     weight_decay: float = 0.0
+    decay_embeddings: bool = True
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-8
@@ -48,6 +52,8 @@ class OptimizerConfig:
             )
         if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1):
             raise ValueError(f"Adam betas must be in [0, 1), got b1={self.b1}, b2={self.b2}")
+        if not 0 <= self.end_lr_ratio <= 1:
+            raise ValueError(f"end_lr_ratio must be in [0, 1], got {self.end_lr_ratio}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
@@ -55,23 +61,30 @@ class OptimizerConfig:
 
 
 def learning_rate_schedule(cfg: OptimizerConfig) -> optax.Schedule:
-    """Linear warmup from 0 over `warmup_steps`, then constant / linear decay / cosine decay to 0."""
+    """Linear warmup from 0 over `warmup_steps`, then constant / linear decay / cosine decay to the end rate."""
     peak = cfg.learning_rate
     if cfg.schedule == "constant":
         after_warmup = optax.constant_schedule(peak)
     elif cfg.schedule == "linear":
-        after_warmup = optax.linear_schedule(peak, 0.0, cfg.total_steps - cfg.warmup_steps)
+        after_warmup = optax.linear_schedule(peak, peak * cfg.end_lr_ratio, cfg.total_steps - cfg.warmup_steps)
     else:
-        after_warmup = optax.cosine_decay_schedule(peak, cfg.total_steps - cfg.warmup_steps)
+        after_warmup = optax.cosine_decay_schedule(peak, cfg.total_steps - cfg.warmup_steps, alpha=cfg.end_lr_ratio)
     if cfg.warmup_steps == 0:
         return after_warmup
     warmup = optax.linear_schedule(0.0, peak, cfg.warmup_steps)
     return optax.join_schedules([warmup, after_warmup], [cfg.warmup_steps])
 
 
-def _is_matrix(params):
-    """Weight-decay mask: decay matrices and embeddings (ndim >= 2), not norm scales or biases."""
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+def _weight_decay_mask(cfg: OptimizerConfig):
+    """The mask function: decay matrices, not norm scales or biases (vectors per layer; the layer stack
+    under "layers" adds a leading axis), and the embedding table ("embed") only if `cfg.decay_embeddings`."""
+
+    def decays(path, p) -> bool:
+        names = [getattr(entry, "key", None) for entry in path]
+        per_layer_ndim = p.ndim - 1 if names[0] == "layers" else p.ndim
+        return per_layer_ndim >= 2 and (cfg.decay_embeddings or names[-1] != "embed")
+
+    return lambda params: jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
@@ -80,10 +93,33 @@ def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
 
     def clipped_adamw(learning_rate):
         adamw = optax.adamw(
-            learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=_is_matrix
+            learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=_weight_decay_mask(cfg)
         )
         if cfg.max_grad_norm is None:
             return adamw
         return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), adamw)
 
     return optax.inject_hyperparams(clipped_adamw)(learning_rate=learning_rate_schedule(cfg))
+
+
+def guarded_update(optimizer: optax.GradientTransformation, params, opt_state, grads, loss):
+    """One optimizer update, applied only if the loss and the gradient are finite.
+
+    A non-finite step leaves params and optimizer state unchanged (a NaN never reaches the weights).
+    Returns (params, opt_state, metrics) with metrics grad_norm, skipped (0/1) and learning_rate (the
+    injected value, when the optimizer comes from `make_optimizer`).
+    """
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt_state = optimizer.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    params, opt_state = jax.tree.map(
+        lambda new, old: jnp.where(finite, new, old), (new_params, new_opt_state), (params, opt_state)
+    )
+    metrics = {"grad_norm": grad_norm, "skipped": (~finite).astype(jnp.int32)}
+    learning_rate = optax.tree_utils.tree_get(  # the injected value, not the schedule's own state
+        opt_state, "learning_rate", filtering=lambda _, value: isinstance(value, jax.Array)
+    )
+    if learning_rate is not None:
+        metrics["learning_rate"] = jnp.asarray(learning_rate, jnp.float32)
+    return params, opt_state, metrics

@@ -44,6 +44,26 @@ def rejection_sample(model, params, tokenizer, examples: Sequence[dict], task: T
                           max_per_prompt=config.max_per_prompt, teacher=teacher)
 
 
+def write_teacher_traces(config, out_path: str, rejection: RejectionConfig, num_prompts: int) -> list[dict]:
+    """Rejection-sample `config.model` (a model directory or a finished run) on the first `num_prompts`
+    training problems of `config.task`, prompted with `config.template` (a trainer `TrainConfig`), and
+    write the passing traces to `out_path`. An existing file is reused (a rerun resumes)."""
+    from grpo_jax.trainer import load_run_inputs
+
+    if not os.path.exists(out_path):
+        task, model, params, tokenizer = load_run_inputs(config)
+        records = rejection_sample(model, params, tokenizer, task.train[:num_prompts], task, template=config.template,
+                                   teacher=config.model, config=rejection)
+        write_traces(out_path, records)
+    return read_traces(out_path)
+
+
+def trace_stats(records: Sequence[dict], num_prompts: int, num_samples: int) -> dict:
+    """How many traces were kept, from how many of the problems."""
+    return {"traces": len(records), "problems": num_prompts, "samples_per_problem": num_samples,
+            "problems_with_a_trace": len({r["question"] for r in records})}
+
+
 def select_passing(examples: Sequence[dict], prompts: Sequence[str], completions: Sequence[str], task: Task, *,
                    num_samples: int, max_per_prompt: int, teacher: str) -> list[dict]:
     """The traces (completion i*k+j = sample j of example i) that score full marks on every one of the

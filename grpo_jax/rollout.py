@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grpo_jax.models.transformer import KVCache, Transformer, positions_from_mask
+from grpo_jax.models.transformer import KVCache, Transformer, positions_from_mask, unstack_layers
 
 _MIN_PROMPT_BUCKET = 16
 _trace_counter = 0
@@ -228,6 +228,7 @@ def make_generate_fn(
         b, p = prompts.shape
         rows = b * g
         prompt_mask = prompt_mask.astype(jnp.bool_)
+        params = unstack_layers(params)  # once per rollout, not once per decode step
 
         # Prefill once per prompt, then share the cache among its G samples.
         cache = model.init_cache(b, p + n)

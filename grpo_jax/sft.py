@@ -28,8 +28,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
+from grpo_jax.checkpoint import Checkpointer, abstract_with_shardings
 from grpo_jax.models.transformer import Transformer
+from grpo_jax.optim import OptimizerConfig, guarded_update, make_optimizer
+from grpo_jax.sharding import (
+    batch_sharding,
+    check_batch_divisible,
+    opt_state_shardings,
+    param_shardings,
+    put_global,
+    replicated,
+)
 
 
 @flax.struct.dataclass
@@ -168,11 +179,12 @@ def sft_loss(model: Transformer, params, batch: SFTBatch) -> tuple[jax.Array, ja
 
 @dataclasses.dataclass(frozen=True)
 class SFTConfig:
-    """Optimizer and schedule of a supervised run.
+    """Length and optimizer of a supervised run.
 
-    The learning rate warms up linearly from 0 over `warmup_steps`, then follows a cosine down to
-    `learning_rate * end_lr_ratio` at `num_steps`. Weight decay applies to matrices only (not to norms
-    or biases).
+    The optimizer is GRPO's (`optim.make_optimizer`) with a language-model pretraining recipe: AdamW with
+    b2 = 0.95, global-norm clipping at 1, the learning rate warming up linearly from 0 over
+    `warmup_steps`, then a cosine down to `learning_rate * end_lr_ratio` at `num_steps`; weight decay on
+    matrices but not on norms, biases or the embedding table.
     """
 
     num_steps: int
@@ -180,60 +192,38 @@ class SFTConfig:
     warmup_steps: int = 100
     end_lr_ratio: float = 0.1
     weight_decay: float = 0.1
-    b1: float = 0.9
-    b2: float = 0.95
-    max_grad_norm: float = 1.0
     log_every: int = 50
+    max_consecutive_skips: int = 5  # non-finite steps in a row before the run stops with an error
 
     def __post_init__(self):
         if not isinstance(self.num_steps, int) or self.num_steps < 1:
             raise ValueError(f"num_steps must be an integer >= 1, got {self.num_steps!r}")
-        if not 0 <= self.warmup_steps <= self.num_steps:
-            raise ValueError(f"warmup_steps must be in [0, num_steps={self.num_steps}], got {self.warmup_steps}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not 0 <= self.warmup_steps < self.num_steps:
+            raise ValueError(f"warmup_steps must be in [0, num_steps={self.num_steps}), got {self.warmup_steps}")
         if not self.log_every >= 1:
             raise ValueError(f"log_every must be >= 1, got {self.log_every}")
+        self.optimizer_config()  # validates the rest
+
+    def optimizer_config(self) -> OptimizerConfig:
+        return OptimizerConfig(
+            learning_rate=self.learning_rate, warmup_steps=self.warmup_steps, schedule="cosine",
+            total_steps=self.num_steps, end_lr_ratio=self.end_lr_ratio, weight_decay=self.weight_decay,
+            b2=0.95, max_grad_norm=1.0, decay_embeddings=False,
+        )
 
 
-def learning_rate_schedule(config: SFTConfig) -> optax.Schedule:
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=config.learning_rate,
-        warmup_steps=config.warmup_steps,
-        decay_steps=config.num_steps,
-        end_value=config.learning_rate * config.end_lr_ratio,
-    )
+def make_train_step(model: Transformer, optimizer: optax.GradientTransformation, **jit_kwargs) -> Callable:
+    """The jitted step `(params, opt_state, batch) -> (params, opt_state, metrics)` (params, state donated).
 
-
-def _decay_mask(params) -> dict:
-    """True for weight matrices; norms, biases and the (tied or not) embedding table are not decayed."""
-
-    def decays(path, _):
-        name = path[-1].key
-        return "norm" not in name and name not in ("bq", "bk", "bv", "embed")
-
-    return jax.tree_util.tree_map_with_path(decays, params)
-
-
-def make_optimizer(config: SFTConfig, params) -> optax.GradientTransformation:
-    return optax.chain(
-        optax.clip_by_global_norm(config.max_grad_norm),
-        optax.adamw(learning_rate_schedule(config), b1=config.b1, b2=config.b2,
-                    weight_decay=config.weight_decay, mask=_decay_mask(params)),
-    )
-
-
-def make_train_step(model: Transformer, optimizer: optax.GradientTransformation) -> Callable:
-    """The jitted step `(params, opt_state, batch) -> (params, opt_state, metrics)` (params donated)."""
+    A step whose loss or gradient is not finite changes nothing and reports `skipped` = 1.
+    """
 
     def step(params, opt_state, batch: SFTBatch):
         (loss, count), grads = jax.value_and_grad(lambda p: sft_loss(model, p, batch), has_aux=True)(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "target_tokens": count}
+        params, opt_state, metrics = guarded_update(optimizer, params, opt_state, grads, loss)
+        return params, opt_state, {"loss": loss, "target_tokens": count, **metrics}
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    return jax.jit(step, donate_argnums=(0, 1), **jit_kwargs)
 
 
 def _check_batch(batch: SFTBatch, shape: tuple[int, int] | None, vocab_size: int) -> tuple[int, int]:
@@ -249,52 +239,123 @@ def _check_batch(batch: SFTBatch, shape: tuple[int, int] | None, vocab_size: int
     return tokens.shape
 
 
+@dataclasses.dataclass
+class _Placement:
+    """Where the state and the batches live: one device by default, or sharded over a mesh like GRPO's."""
+
+    mesh: Mesh | None
+    model: Transformer
+
+    def state_shardings(self, params, opt_state):
+        if self.mesh is None:
+            return None
+        shardings = param_shardings(self.model, self.mesh)
+        return shardings, opt_state_shardings(opt_state, shardings, self.mesh)
+
+    def put_batch(self, batch: SFTBatch) -> SFTBatch:
+        if self.mesh is None:
+            return jax.tree.map(jnp.asarray, batch)
+        check_batch_divisible(batch.tokens.shape[0], self.mesh, "SFT batch rows")
+        return jax.tree.map(lambda x: put_global(x, batch_sharding(self.mesh, x.ndim)), batch)
+
+
 def sft_train(
     model: Transformer,
     params,
     batches: Iterable[SFTBatch],
     config: SFTConfig,
     *,
+    mesh: Mesh | None = None,
+    checkpointer: Checkpointer | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
     metrics_callback: Callable[[int, dict], None] | None = None,
     progress: bool = True,
     description: str = "sft",
 ):
-    """Train `params` for `config.num_steps` steps on `batches` (same-shaped `SFTBatch`es); returns params.
+    """Train `params` for `config.num_steps` steps on `batches` (same-shaped `SFTBatch`es); returns
+    (params, steps done).
 
+    With a `mesh`, params and optimizer state are sharded by the model's logical axes (as in GRPO) and each
+    batch is split over the data axes. With a `checkpointer`, a run resumes from its latest step (skipping
+    the batches already seen, so a deterministic `batches` gives the uninterrupted run's result), saves on
+    its schedule and at the end, and also when `should_stop()` turns true (preemption), then returns early.
     Every `config.log_every` steps (and at the end) `metrics_callback(step, metrics)` receives the mean
-    loss since the last report, the last grad norm, the learning rate and steps per second.
-    The step compiles once; the input params are consumed (donated), use the returned ones.
+    loss since the last report, the grad norm, the learning rate, skipped steps and steps per second.
+    The step compiles once; the input params are consumed (donated).
     """
     from tqdm.auto import tqdm
 
-    optimizer = make_optimizer(config, params)
-    schedule = learning_rate_schedule(config)
-    train_step = make_train_step(model, optimizer)
+    optimizer = make_optimizer(config.optimizer_config())
     opt_state = optimizer.init(params)
-    shape, losses = None, []
+    placement = _Placement(mesh, model)
+    shardings = placement.state_shardings(params, opt_state)
+    if shardings is not None:
+        params, opt_state = jax.device_put((params, opt_state), shardings)
+    train_step = make_train_step(model, optimizer, **({} if shardings is None else {"out_shardings": (
+        *shardings, replicated(mesh))}))
+
+    start_step = 0
+    if checkpointer is not None and checkpointer.latest_step() is not None:
+        target = {"params": params, "opt_state": opt_state}
+        restored, metadata = checkpointer.restore(None, target if shardings is None else abstract_with_shardings(
+            target, dict(zip(("params", "opt_state"), shardings))))
+        params, opt_state, start_step = restored["params"], restored["opt_state"], int(metadata["step"])
+
     batches = iter(batches)
-    bar = tqdm(total=config.num_steps, desc=description, disable=not progress)
-    start = time.perf_counter()
-    for step in range(1, config.num_steps + 1):
+    for _ in range(start_step):  # the batches an interrupted run already trained on
+        next(batches, None)
+    shape, losses, skipped, consecutive_skips = None, [], [], 0
+    bar = tqdm(total=config.num_steps, initial=start_step, desc=description, disable=not progress)
+    started, step, stop = time.perf_counter(), start_step, False
+    while step < config.num_steps and not stop:
         try:
             batch = next(batches)
         except StopIteration:
-            raise ValueError(f"batches ran out after {step - 1} of {config.num_steps} steps: "
+            raise ValueError(f"batches ran out after {step} of {config.num_steps} steps: "
                              "give an endless iterator (e.g. iterate_batches) or lower num_steps") from None
         shape = _check_batch(batch, shape, model.config.vocab_size)
-        params, opt_state, metrics = train_step(params, opt_state, jax.tree.map(jnp.asarray, batch))
+        params, opt_state, metrics = train_step(params, opt_state, placement.put_batch(batch))
+        step += 1
         losses.append(metrics["loss"])
+        skipped.append(metrics["skipped"])
         bar.update(1)
         if step % config.log_every == 0 or step == config.num_steps:
-            report = {
-                "loss": float(np.mean(jax.device_get(losses))),
-                "grad_norm": float(metrics["grad_norm"]),
-                "learning_rate": float(schedule(step - 1)),
-                "steps_per_s": step / (time.perf_counter() - start),
-            }
-            losses = []
+            report = _report(metrics, losses, skipped, step, start_step, started)
+            consecutive_skips = _trailing_skips(skipped, consecutive_skips)
+            losses, skipped = [], []
             bar.set_postfix(loss=f"{report['loss']:.4f}")
             if metrics_callback is not None:
                 metrics_callback(step, report)
+            if consecutive_skips >= config.max_consecutive_skips:
+                raise FloatingPointError(
+                    f"{consecutive_skips} SFT steps in a row had a non-finite loss or gradient (at step {step}): "
+                    "lower the learning rate or check the data; checkpoints so far are intact")
+        stop = should_stop()
+        if checkpointer is not None:
+            checkpointer.save(step, {"params": params, "opt_state": opt_state}, {"step": step},
+                              force=step == config.num_steps or stop)
     bar.close()
-    return params
+    if checkpointer is not None:
+        checkpointer.wait()
+    return params, step
+
+
+def _trailing_skips(skipped: list, before: int) -> int:
+    """Skipped steps in a row at the end of this report window (carrying on the previous window's run)."""
+    count = before
+    for flag in jax.device_get(skipped):
+        count = count + 1 if flag else 0
+    return count
+
+
+def _report(metrics: dict, losses: list, skipped: list, step: int, start_step: int, started: float) -> dict:
+    """Host-side summary of the steps since the last report (one device sync per report, not per step)."""
+    losses, skipped = np.asarray(jax.device_get(losses)), np.asarray(jax.device_get(skipped))
+    finite = losses[skipped == 0]
+    return {
+        "loss": float(finite.mean()) if finite.size else float("nan"),
+        "grad_norm": float(metrics["grad_norm"]),
+        "learning_rate": float(metrics["learning_rate"]),
+        "skipped": int(skipped.sum()),
+        "steps_per_s": (step - start_step) / (time.perf_counter() - started),
+    }

@@ -207,10 +207,13 @@ def check_batch_divisible(global_batch: int, mesh: Mesh, what: str = "global bat
 
 
 def kv_cache_sharding(model: Transformer, mesh: Mesh) -> KVCache:
-    """Shardings of a `KVCache` for the sampler: rows over (data, fsdp), kv heads over tensor when divisible."""
+    """Shardings of a `KVCache` for the sampler: rows over (data, fsdp), kv heads over tensor when divisible.
+
+    `k` and `v` are tuples with one sharding per layer, like the cache's per-layer [B, Hkv, S, hd] buffers.
+    """
     heads = "tensor" if model.config.num_kv_heads % mesh.shape["tensor"] == 0 else None
-    kv = NamedSharding(mesh, P(None, BATCH_AXES, None, heads, None))  # [L, B, S, Hkv, hd]
-    return KVCache(k=kv, v=kv, valid=batch_sharding(mesh, 2), index=NamedSharding(mesh, P()))
+    per_layer = (NamedSharding(mesh, P(BATCH_AXES, heads, None, None)),) * model.config.num_layers
+    return KVCache(k=per_layer, v=per_layer, valid=batch_sharding(mesh, 2), index=NamedSharding(mesh, P()))
 
 
 # ---------------------------------------------------------------------------------------- multi-host

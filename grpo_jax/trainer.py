@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import time
 from typing import Any
 
@@ -37,9 +36,10 @@ from grpo_jax.grpo import (
     overlong_penalty,
 )
 from grpo_jax.metrics import MetricsWriter, plot_metrics
-from grpo_jax.models import load_pretrained, load_tokenizer, save_pretrained
+from grpo_jax.models import load_pretrained, load_tokenizer
 from grpo_jax.optim import OptimizerConfig, make_optimizer
 from grpo_jax.rollout import make_generate_fn, SamplingConfig, stop_sequences_for, truncate_at_stop
+from grpo_jax.runs import FINAL_DIR, check_tokenizer_fits, export_policy, prepare_output_dir, resolve_init, write_json
 from grpo_jax.sharding import (
     batch_sharding,
     check_batch_divisible,
@@ -118,29 +118,6 @@ class TrainConfig:
 # ---------------------------------------------------------------------------------------------- run setup
 
 
-def _prepare_output_dir(config: TrainConfig) -> None:
-    """Refuse to mix runs: an output dir holding a different config is an error unless `overwrite`."""
-    path = os.path.join(config.output_dir, "config.json")
-    if os.path.exists(path) and is_main_process():
-        with open(path) as f:
-            saved = json.load(f)
-        current = json.loads(json.dumps(config.to_dict()))
-        differs = sorted(k for k in set(saved) | set(current)
-                         if k not in _RESUMABLE_FIELDS and saved.get(k) != current.get(k))
-        if differs and not config.overwrite:
-            raise ValueError(
-                f"{config.output_dir} holds a run with a different config ({', '.join(differs)} differ): pick another "
-                "--output_dir, or pass --overwrite to delete that run"
-            )
-        if differs:
-            shutil.rmtree(config.output_dir)
-    if is_main_process():
-        os.makedirs(config.output_dir, exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(config.to_dict(), f, indent=2, default=str)
-    multihost_utils.sync_global_devices("output dir ready")
-
-
 def prompt_order(num_examples: int, seed: int, position: int, count: int) -> np.ndarray:
     """Indices of the `count` examples at data position `position`: seeded reshuffle every epoch."""
     indices = []
@@ -148,6 +125,12 @@ def prompt_order(num_examples: int, seed: int, position: int, count: int) -> np.
         epoch, offset = divmod(pos, num_examples)
         indices.append(np.random.default_rng([seed, epoch]).permutation(num_examples)[offset])
     return np.asarray(indices)
+
+
+def prompt_width(tokenizer, texts: list[str], max_prompt_len: int) -> int:
+    """The run's fixed prompt width: the longest prompt, bucketed, at most `max_prompt_len` (one compile)."""
+    longest = max(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    return min(bucket_length(longest), max_prompt_len)
 
 
 class Trainer:
@@ -162,8 +145,9 @@ class Trainer:
         if rows % cfg.grpo.num_minibatches:
             raise ValueError(f"{rows} rollouts per step are not divisible by num_minibatches={cfg.grpo.num_minibatches}")
         self.task, self.model, params, self.tokenizer = load_run_inputs(cfg)
-        self.prompt_width = self._prompt_width([render_prompt(cfg.template, ex, self.tokenizer)
-                                                for ex in self.task.train + self.task.eval])
+        self.prompt_width = prompt_width(self.tokenizer, [render_prompt(cfg.template, ex, self.tokenizer)
+                                                          for ex in self.task.train + self.task.eval],
+                                         cfg.max_prompt_len)
         if self.prompt_width + cfg.max_new_tokens > self.model.config.max_position_embeddings:
             raise ValueError(
                 f"prompts of {self.prompt_width} tokens + max_new_tokens {cfg.max_new_tokens} exceed the model's "
@@ -200,10 +184,6 @@ class Trainer:
         self.writer = MetricsWriter(cfg.output_dir, enabled=is_main_process())
         self.step = 0
         self._preempted = False
-
-    def _prompt_width(self, texts: list[str]) -> int:
-        longest = max(len(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
-        return min(bucket_length(longest), self.config.max_prompt_len)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -357,9 +337,7 @@ class Trainer:
                     eval_before = json.load(f)
             else:
                 eval_before = self.evaluate()
-                if is_main_process():
-                    with open(before_path, "w") as f:
-                        json.dump(eval_before, f, indent=2)
+                write_json(before_path, eval_before)
         install_sigterm_handler(self._on_sigterm, exit_code=None)
         consecutive_skips = 0
         bar = tqdm(total=cfg.steps, initial=self.step, desc="GRPO", disable=not is_main_process())
@@ -389,7 +367,7 @@ class Trainer:
         self.save(force=True)
         eval_after = self.evaluate() if self.task.eval else None
         self.checkpointer.wait()
-        self.export(os.path.join(cfg.output_dir, "final"))
+        self.export(os.path.join(cfg.output_dir, FINAL_DIR))
         summary = {
             "eval_before": eval_before,
             "eval_after": eval_after,
@@ -397,9 +375,8 @@ class Trainer:
             "wall_s": time.perf_counter() - started,
             "update_compiles": self.update.trace_count,
         }
+        write_json(os.path.join(cfg.output_dir, "summary.json"), summary)
         if is_main_process():
-            with open(os.path.join(cfg.output_dir, "summary.json"), "w") as f:
-                json.dump(summary, f, indent=2)
             metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
             if os.path.exists(metrics_path):
                 plot_metrics(metrics_path, os.path.join(cfg.output_dir, "training_curves.png"))
@@ -408,9 +385,7 @@ class Trainer:
 
     def export(self, out_dir: str) -> None:
         """The policy as a Hugging Face checkpoint with its tokenizer (servable by the usual engines)."""
-        params = jax.tree.map(to_host, self.state.params)  # collective: every process takes part
-        if is_main_process():
-            save_pretrained(self.model, params, out_dir, tokenizer=self.tokenizer)
+        export_policy(self.model, self.state.params, self.tokenizer, out_dir)
 
     def _on_sigterm(self) -> None:
         """Preemption: finish the current step, save it, exit cleanly (the loop checks the flag)."""
@@ -419,7 +394,7 @@ class Trainer:
 
 def train(config: TrainConfig) -> dict[str, Any]:
     """Run (or resume) GRPO training as configured; returns the summary written to summary.json."""
-    _prepare_output_dir(config)
+    prepare_output_dir(config.output_dir, config.to_dict(), overwrite=config.overwrite, resumable=_RESUMABLE_FIELDS)
     trainer = Trainer(config)
     try:
         return trainer.run()
@@ -431,19 +406,20 @@ def load_run_inputs(config: TrainConfig):
     """(task, model, params, tokenizer) of a run, with the tokenizer checked against the model."""
     task = load_task(config.task, data_path=config.data, seed=config.seed, num_train=config.num_train,
                      num_eval=config.num_eval, **config.task_options)
-    dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
-    model, params = load_pretrained(config.model, dtype=dtype)
-    tokenizer = load_tokenizer(config.model)
-    if len(tokenizer) > model.config.vocab_size:
-        raise ValueError(
-            f"tokenizer of {config.model} has {len(tokenizer)} tokens but the model's vocabulary is "
-            f"{model.config.vocab_size}: they do not belong together"
-        )
+    path = resolve_init(config.model)
+    model, params = load_pretrained(path, dtype=jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32)
+    tokenizer = load_tokenizer(path)
+    check_tokenizer_fits(tokenizer, model, path)
     return task, model, params, tokenizer
 
 
 def evaluate_checkpoint(config: TrainConfig) -> dict:
-    """R1-protocol metrics of `config.model` on the task's held-out problems (no training)."""
+    """R1-protocol metrics of `config.model` on the task's held-out problems (no training), sampled
+    exactly as a run's own evaluation samples them (same mesh, same prompt width)."""
     task, model, params, tokenizer = load_run_inputs(config)
-    return evaluate(model, params, tokenizer, task.eval, task, template=config.template, config=config.eval,
-                    max_prompt_len=config.max_prompt_len)
+    mesh = make_mesh(parse_mesh(config.mesh))
+    width = prompt_width(tokenizer, [render_prompt(config.template, ex, tokenizer) for ex in task.train + task.eval],
+                         config.max_prompt_len)
+    return evaluate(model, shard_params(params, param_shardings(model, mesh)), tokenizer, task.eval, task,
+                    template=config.template, config=config.eval, max_prompt_len=config.max_prompt_len,
+                    prompt_width=width, mesh=mesh)

@@ -12,8 +12,10 @@ from grpo_jax.data.arithmetic import (
     carry_slip,
     is_held_out,
     make_arithmetic_task,
+    parse_problem,
     pretraining_corpus,
     shortcut_steps,
+    worked_solution,
     worked_steps,
 )
 from grpo_jax.demo_base import TAG_TOKENS, train_tokenizer
@@ -98,6 +100,22 @@ def test_worked_and_shortcut_steps():
         assert units in (20, 22) and steps[2].startswith(f"4+8+1+{units // 10}=")  # the slip carries on
         assert final == int(steps[2].split("=")[1].rstrip(".")) * 10 + units % 10
     assert all(abs(carry_slip(7, rng) - 7) == 10 for _ in range(10))
+
+
+def test_cold_start_worked_solutions_pass_both_rewards():
+    from grpo_jax.rewards import accuracy_reward, format_reward
+
+    assert parse_problem("Compute 47-85+9") == Problem((47, 85, 9), ("-", "+"))
+    assert worked_solution({"prompt": "Compute 47+85+19"}) == (
+        " <think> 47+85+19: 7+5+9=21. 4+8+1+2=15. </think> <answer> 151 </answer>")
+    task = make_arithmetic_task(seed=0, num_train=50, num_eval=10)
+    completions = [worked_solution(ex) for ex in task.train]
+    answers = [ex["answer"] for ex in task.train]
+    prompts = [r1zero_template(ex["prompt"]) for ex in task.train]
+    assert format_reward(prompts, completions) == [1.0] * 50
+    assert accuracy_reward(prompts, completions, answer=answers) == [1.0] * 50
+    with pytest.raises(ValueError, match="not an arithmetic task prompt"):
+        parse_problem("What is 2+2?")
 
 
 def test_corpus_mix_matches_its_fractions():

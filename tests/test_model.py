@@ -27,7 +27,7 @@ def decode(model, params, ids, cache, positions, mask):
 
 def test_kv_cache_decoding_equals_full_forward(tiny_model):
     """Prefill a left-padded batch (prompts of 3 and 6 tokens), then feed the rest one token at a time:
-    every real position's logits equal the full forward's."""
+    every real position's logits equal the full forward's (grouped-query: 4 query heads share 2 kv heads)."""
     model, params = tiny_model
     prompt_len, steps = 6, SEQ_LEN - 6
     ids = jax.random.randint(jax.random.key(1), (2, SEQ_LEN), 0, model.config.vocab_size)
@@ -44,6 +44,8 @@ def test_kv_cache_decoding_equals_full_forward(tiny_model):
     cached = jnp.concatenate(step_logits, axis=1)
 
     real = np.asarray(mask, bool)
+    c = model.config  # one [B, Hkv, S, hd] buffer per layer, written in place
+    assert [k.shape for k in cache.k + cache.v] == [(2, c.num_kv_heads, SEQ_LEN, c.head_dim)] * (2 * c.num_layers)
     np.testing.assert_array_equal(np.asarray(positions[0]), [0, 0, 0, 0, 1, 2, 3, 4, 5, 6])
     np.testing.assert_allclose(np.asarray(cached)[real], np.asarray(full)[real], atol=1e-5, rtol=0)
 

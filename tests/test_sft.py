@@ -6,13 +6,12 @@ import numpy as np
 import pytest
 
 from grpo_jax.models import ModelConfig, Transformer
+from grpo_jax.optim import learning_rate_schedule, make_optimizer
 from grpo_jax.sft import (
     SFTBatch,
     SFTConfig,
     completion_example,
     iterate_batches,
-    learning_rate_schedule,
-    make_optimizer,
     pack_documents,
     pad_documents,
     sft_loss,
@@ -74,7 +73,7 @@ def test_loss_is_mean_cross_entropy_over_completion_tokens_only():
 
 def test_schedule_warms_up_then_decays_by_cosine():
     config = SFTConfig(num_steps=110, learning_rate=1e-3, warmup_steps=10, end_lr_ratio=0.1)
-    schedule = learning_rate_schedule(config)
+    schedule = learning_rate_schedule(config.optimizer_config())
     np.testing.assert_allclose(float(schedule(5)), 0.5e-3, rtol=1e-6)
     # halfway through the decay: end + (peak - end) * (1 + cos(pi / 2)) / 2
     np.testing.assert_allclose(float(schedule(60)), 1e-4 + 0.9e-3 * 0.5, rtol=1e-5)
@@ -84,8 +83,8 @@ def test_schedule_warms_up_then_decays_by_cosine():
 def test_weight_decay_skips_norms_and_embeddings():
     model = Transformer(TINY)
     params = model.init(jax.random.key(0))
-    config = SFTConfig(num_steps=10, learning_rate=1e-2, warmup_steps=0, weight_decay=0.5, max_grad_norm=1e9)
-    optimizer = make_optimizer(config, params)
+    config = SFTConfig(num_steps=10, learning_rate=1e-2, warmup_steps=0, weight_decay=0.5)
+    optimizer = make_optimizer(config.optimizer_config())
     zero_grads = jax.tree.map(jnp.zeros_like, params)
     updates, _ = jax.jit(optimizer.update)(zero_grads, optimizer.init(params), params)
     # With zero gradients the only update is decoupled decay: -lr * wd * param, on matrices only.
@@ -100,12 +99,13 @@ def test_sft_overfits_a_tiny_corpus_and_reports_metrics():
     params = model.init(jax.random.key(0))
     reports = []
     config = SFTConfig(num_steps=80, learning_rate=1e-2, warmup_steps=5, log_every=20)
-    params = sft_train(model, params, iterate_batches(rows, batch_size=4), config, progress=False,
-                       metrics_callback=lambda step, m: reports.append((step, m)))
+    params, steps = sft_train(model, params, iterate_batches(rows, batch_size=4), config, progress=False,
+                              metrics_callback=lambda step, m: reports.append((step, m)))
+    assert steps == 80
     assert [s for s, _ in reports] == [20, 40, 60, 80]
     losses = [m["loss"] for _, m in reports]
     assert losses[0] > 1.0 and losses[-1] < 0.3 * losses[0]
-    assert all(np.isfinite(m["grad_norm"]) and m["steps_per_s"] > 0 for _, m in reports)
+    assert all(np.isfinite(m["grad_norm"]) and m["steps_per_s"] > 0 and m["skipped"] == 0 for _, m in reports)
 
 
 def test_sft_train_rejects_bad_batches_before_training():
@@ -130,7 +130,7 @@ def test_demo_base_model_is_built_once_then_reused(tmp_path):
     logs = []
     path = ensure_demo_base_model(tmp_path, seed=1, recipe=recipe, progress=False, log=logs.append)
     assert ensure_demo_base_model(tmp_path, seed=1, recipe=recipe, progress=False, log=logs.append) == path
-    assert logs[-1] == f"demo base: reusing {path}"
+    assert logs[-1] == f"demo_base: reusing {path}"
     model, params = load_pretrained(path)
     tokenizer = load_tokenizer(path)
     assert model.config.vocab_size == len(tokenizer) <= 512

@@ -228,15 +228,16 @@ def test_kv_cache_sharded_prefill_equals_single_device():
     expected_logits, expected_cache = jax.jit(prefill)(params, model.init_cache(B, 8))
     mesh = mesh_of(1, 2, 4)
     cache_shardings = kv_cache_sharding(model, mesh)
-    assert cache_shardings.k.spec == P(None, ("data", "fsdp"), None, "tensor", None)
+    assert [s.spec for s in cache_shardings.k] == [P(("data", "fsdp"), "tensor", None, None)] * 2  # per layer
     cache = jax.device_put(model.init_cache(B, 8), cache_shardings)
     logits, cache = jax.jit(prefill, out_shardings=(batch_sharding(mesh, 3), cache_shardings))(
         shard_params(params, param_shardings(model, mesh)), cache)
-    assert shard_shapes(cache.k) == {(2, B // 2, 8, 8 // 4, 8)}  # [L, B/fsdp, S, Hkv/tensor, hd]
+    for layer in range(2):
+        assert shard_shapes(cache.k[layer]) == {(B // 2, 8 // 4, 8, 8)}  # [B/fsdp, Hkv/tensor, S, hd]
+        assert_close(cache.k[layer], expected_cache.k[layer])
+        assert_close(cache.v[layer], expected_cache.v[layer])
     assert_close(logits, expected_logits)
-    assert_close(cache.k, expected_cache.k)
-    assert_close(cache.v, expected_cache.v)
-    assert kv_cache_sharding(Transformer(GQA), mesh_of(1, 1, 8)).k.spec == P(None, ("data", "fsdp"), None, None, None)
+    assert kv_cache_sharding(Transformer(GQA), mesh_of(1, 1, 8)).k[0].spec == P(("data", "fsdp"), None, None, None)
 
 
 # ---------------------------------------------------------------------------------------- multi-host

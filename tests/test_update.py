@@ -347,10 +347,22 @@ def test_optimizer_clips_and_decays_only_matrices():
     np.testing.assert_allclose(first_moment["norm"], -0.1 / math.sqrt(6), rtol=1e-5)
 
 
+@pytest.mark.parametrize("decay_embeddings", [True, False])
+def test_weight_decay_mask_sees_through_the_layer_stack(decay_embeddings):
+    # Stacked per-layer norm scales are [L, H]: 2-D arrays, but vectors per layer, so never decayed.
+    params = {"embed": jnp.ones((4, 2)), "layers": {"attn_norm": jnp.ones((3, 2)), "wq": jnp.ones((3, 2, 2))}}
+    optimizer = make_optimizer(OptimizerConfig(learning_rate=0.1, weight_decay=0.5, decay_embeddings=decay_embeddings))
+    updates, _ = jax.jit(optimizer.update)(jax.tree.map(jnp.zeros_like, params), optimizer.init(params), params)
+    np.testing.assert_allclose(updates["layers"]["wq"], -0.05)
+    np.testing.assert_allclose(updates["layers"]["attn_norm"], 0.0)
+    np.testing.assert_allclose(updates["embed"], -0.05 if decay_embeddings else 0.0)
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
         (dict(schedule="step"), "unknown schedule"),
+        (dict(end_lr_ratio=1.5), "end_lr_ratio"),
         (dict(schedule="cosine"), "total_steps"),
         (dict(schedule="linear", warmup_steps=10, total_steps=10), "total_steps"),
         (dict(learning_rate=0.0), "learning_rate"),

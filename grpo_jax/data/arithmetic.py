@@ -28,6 +28,7 @@ import dataclasses
 import hashlib
 import operator
 import random
+import re
 from collections.abc import Callable, Sequence
 
 from grpo_jax.data.task import Task
@@ -249,6 +250,23 @@ def format_response(steps: Sequence[str], answer: int, tagged: bool) -> str:
     if tagged:
         return f" <think> {body} </think> <answer> {answer} </answer>"
     return f" {body} The answer is {answer}."
+
+
+def parse_problem(prompt: str) -> Problem:
+    """The problem of a task prompt such as ``Compute 47+85-19``."""
+    match = re.fullmatch(r"Compute (\d+(?:[+-]\d+)+)", prompt.strip())
+    if match is None:
+        raise ValueError(f"not an arithmetic task prompt: {prompt!r} (expected 'Compute 47+85+19')")
+    parts = re.split(r"([+-])", match.group(1))
+    return Problem(tuple(int(x) for x in parts[0::2]), tuple(parts[1::2]))
+
+
+def worked_solution(example: dict) -> str:
+    """An error-free worked solution in the think/answer format: the readable reasoning a person would
+    write, i.e. R1's cold-start data for this task, e.g. `` <think> 47+85+19: 7+5+9=21. 4+8+1+2=15.
+    </think> <answer> 151 </answer>``."""
+    steps, answer = worked_steps(parse_problem(example["prompt"]), random.Random(0), step_error_rate=0.0)
+    return format_response(steps, answer, tagged=True)
 
 
 def _default_template() -> Callable[[str], str]:

@@ -1,8 +1,9 @@
 """A decoder-only transformer for the Llama, Qwen2 and Qwen3 families, in plain JAX.
 
-Parameters are a plain pytree (nested dicts of arrays). The layers are stacked along a leading axis
-and run with `lax.scan`, so a model of any depth compiles one layer. Weight matrices are stored as
-[in, out] (Hugging Face stores [out, in]; `hf.py` transposes).
+Parameters are a plain pytree (nested dicts of arrays). The layers are stacked along a leading axis;
+`apply` runs them with `lax.scan`, so on accelerators a model of any depth compiles one layer (on CPU the
+scan is unrolled, see `apply`), and `decode` loops over them (one cache buffer per layer, see `KVCache`).
+Weight matrices are stored as [in, out] (Hugging Face stores [out, in]; `hf.py` transposes).
 
     params = {
       "embed": [V, D],
@@ -18,6 +19,9 @@ Two entry points share every layer:
   * `apply(params, input_ids, ...)`: the full forward over a sequence -> float32 logits [B, T, V];
   * `decode(params, input_ids, cache, positions)`: the KV-cache path (prefill, then one token at a
     time) -> (logits, updated cache). Both give the same logits for the same tokens.
+
+`decode` also accepts `unstack_layers(params)` (the layers as a tuple of per-layer dicts): a decode loop
+should unstack once, outside the loop, instead of slicing the stacked weights on every step.
 """
 
 from __future__ import annotations
@@ -41,22 +45,27 @@ class KVCache:
 
     All rows write the same slot at each step (prompts are left-padded), so one scalar `index` says
     where the next tokens go.
+
+    Layout: one [B, Hkv, S, hd] buffer per layer (a tuple of L arrays), not one stacked [L, ...] array.
+    A decode loop then updates each buffer in place and reads it whole; with a stacked cache XLA:CPU
+    copies (and transposes) a layer's slice out of the stack on every step. Heads come before slots so
+    that a query's dot products over the slots read contiguous memory.
     """
 
-    k: jax.Array  # [L, B, S, Hkv, hd]
-    v: jax.Array  # [L, B, S, Hkv, hd]
+    k: tuple[jax.Array, ...]  # L arrays [B, Hkv, S, hd]
+    v: tuple[jax.Array, ...]  # L arrays [B, Hkv, S, hd]
     valid: jax.Array  # bool [B, S]
     index: jax.Array  # int32 scalar: the next slot to write
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.k[0].shape[2]
 
     def repeat(self, n: int) -> "KVCache":
         """Each row repeated n times (row i -> rows i*n .. i*n+n-1): G samples share one prefill."""
         return KVCache(
-            k=jnp.repeat(self.k, n, axis=1),
-            v=jnp.repeat(self.v, n, axis=1),
+            k=tuple(jnp.repeat(x, n, axis=0) for x in self.k),
+            v=tuple(jnp.repeat(x, n, axis=0) for x in self.v),
             valid=jnp.repeat(self.valid, n, axis=0),
             index=self.index,
         )
@@ -113,10 +122,48 @@ def attention(q, k, v, mask):
     hkv = k.shape[2]
     q = q.reshape(b, t, hkv, hq // hkv, hd)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(hd)
-    scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    probs = _masked_softmax(scores, mask[:, None, None, :, :], v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(b, t, hq * hd)
+
+
+def cached_attention(q, k, v, mask):
+    """`attention` over one layer's cache, laid out [B, Hkv, S, hd] (see `KVCache`).
+
+    For a single query per row (a decode step) the scores are a multiply-and-reduce over the head dim
+    when it is long enough to vectorize (>= 32): on CPU that fuses into one loop over the cache, where a
+    dot_general runs B*Hkv tiny [G, hd] x [hd, S] GEMMs. A short head dim reduces poorly, so there the dot
+    wins, and so it does for probs x values, whose reduction over slots is a strided loop (measured per
+    shape in docs/benchmarks.md). Longer queries (a prefill, once per rollout) go through `attention`.
+    """
+    b, t, hq, hd = q.shape
+    if t > 1:
+        return attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask)
+    hkv = k.shape[1]
+    q = q.reshape(b, hkv, hq // hkv, hd)  # [B, Hkv, G, hd] against k [B, Hkv, S, hd]
+    if hd >= 32:
+        scores = jnp.sum(q[:, :, :, None, :] * k[:, :, None], axis=-1, dtype=jnp.float32)
+    else:
+        scores = jnp.einsum("bkgd,bksd->bkgs", q, k, preferred_element_type=jnp.float32)
+    probs = _masked_softmax(scores / math.sqrt(hd), mask[:, None, None, 0, :], v.dtype)  # [B, Hkv, G, S]
+    return jnp.einsum("bkgs,bksd->bkgd", probs, v).reshape(b, 1, hq * hd)
+
+
+def _masked_softmax(scores: jax.Array, mask: jax.Array, dtype) -> jax.Array:
+    """softmax over the last axis of float32 `scores` where `mask` is set (broadcast), cast to `dtype`."""
+    return jax.nn.softmax(jnp.where(mask, scores, _MASKED), axis=-1).astype(dtype)
+
+
+def unstack_layers(params: dict) -> dict:
+    """`params` with "layers" split into a tuple of per-layer dicts (unchanged if already split).
+
+    Call it once, outside a decode loop: XLA:CPU copies a stacked weight's layer slice on every use,
+    i.e. every parameter on every step."""
+    stacked = params["layers"]
+    if isinstance(stacked, tuple):
+        return params
+    num_layers = jax.tree.leaves(stacked)[0].shape[0]
+    return dict(params, layers=tuple(jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(num_layers)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,7 +265,10 @@ class Transformer:
             x = x + attention(q, k, v, mask) @ p["wo"]
             return self._mlp(p, x), None
 
-        x, _ = jax.lax.scan(layer, x, params["layers"])
+        # Unrolled on CPU: XLA:CPU then lays out each layer's saved activations for the backward's dots
+        # instead of slicing and transposing them out of stacked [L, ...] buffers (docs/benchmarks.md);
+        # elsewhere the rolled scan keeps compile time flat in depth.
+        x, _ = jax.lax.scan(layer, x, params["layers"], unroll=jax.default_backend() == "cpu")
         hidden = rms_norm(x, params["final_norm"], self.config.rms_norm_eps)
         return hidden if return_hidden else self.logits(params, hidden)
 
@@ -230,11 +280,12 @@ class Transformer:
     # ------------------------------------------------------------------ KV-cache path
 
     def init_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """An empty cache of `max_len` slots for `batch_size` rows (one [B, Hkv, S, hd] buffer per layer)."""
         c = self.config
-        shape = (c.num_layers, batch_size, max_len, c.num_kv_heads, c.head_dim)
+        shape = (batch_size, c.num_kv_heads, max_len, c.head_dim)
         return KVCache(
-            k=jnp.zeros(shape, self.dtype),
-            v=jnp.zeros(shape, self.dtype),
+            k=tuple(jnp.zeros(shape, self.dtype) for _ in range(c.num_layers)),
+            v=tuple(jnp.zeros(shape, self.dtype) for _ in range(c.num_layers)),
             valid=jnp.zeros((batch_size, max_len), jnp.bool_),
             index=jnp.zeros((), jnp.int32),
         )
@@ -243,7 +294,8 @@ class Transformer:
         """Write `input_ids` [B, T] into cache slots [index, index+T) and return their logits.
 
         Prefill is one call with the whole (left-padded) prompt and its attention_mask; each decode
-        step is a call with T=1. Query slot i attends to valid slots <= i.
+        step is a call with T=1. Query slot i attends to valid slots <= i. `params` may be stacked or
+        already `unstack_layers`-ed (do that once outside a decode loop).
         """
         b, t = input_ids.shape
         if attention_mask is None:
@@ -256,17 +308,15 @@ class Transformer:
         inv_freq = rope_inverse_frequencies(self.config)
         x = params["embed"][input_ids].astype(self.dtype)
 
-        def layer(carry, p):
-            x, k_all, v_all, i = carry
+        new_k, new_v = [], []
+        for p, k_cache, v_cache in zip(unstack_layers(params)["layers"], cache.k, cache.v):
             h = rms_norm(x, p["attn_norm"], self.config.rms_norm_eps)
             q, k, v = self._qkv(p, h, positions, inv_freq)
-            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), (i, 0, start, 0, 0))
-            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), (i, 0, start, 0, 0))
-            x = x + attention(q, k_all[i], v_all[i], mask) @ p["wo"]
-            return (self._mlp(p, x), k_all, v_all, i + 1), None
-
-        (x, k_all, v_all, _), _ = jax.lax.scan(layer, (x, cache.k, cache.v, 0), params["layers"])
-        cache = KVCache(k=k_all, v=v_all, valid=valid, index=start + t)
+            k_cache, v_cache = _write_slots(k_cache, k, start), _write_slots(v_cache, v, start)
+            x = self._mlp(p, x + cached_attention(q, k_cache, v_cache, mask) @ p["wo"])
+            new_k.append(k_cache)
+            new_v.append(v_cache)
+        cache = KVCache(k=tuple(new_k), v=tuple(new_v), valid=valid, index=start + t)
         hidden = rms_norm(x, params["final_norm"], self.config.rms_norm_eps)
         return (hidden if return_hidden else self.logits(params, hidden)), cache
 
@@ -289,6 +339,11 @@ class Transformer:
     def _mlp(self, p, x):
         h = rms_norm(x, p["mlp_norm"], self.config.rms_norm_eps)
         return x + (jax.nn.silu(h @ p["w_gate"]) * (h @ p["w_up"])) @ p["w_down"]
+
+
+def _write_slots(buffer: jax.Array, values: jax.Array, start: jax.Array) -> jax.Array:
+    """One layer's cache buffer [B, Hkv, S, hd] with `values` [B, T, Hkv, hd] written at slots [start, start+T)."""
+    return jax.lax.dynamic_update_slice(buffer, values.swapaxes(1, 2).astype(buffer.dtype), (0, 0, start, 0))
 
 
 def _select_like(tree: dict, shapes: dict) -> dict:

@@ -1,0 +1,256 @@
+"""Distillation (DeepSeek-R1 §4.1): a reasoning teacher's traces teach a smaller student by SFT, compared
+with GRPO on the same student for the same training compute (the paper's comparison).
+
+    python experiments/distill.py                    # the embedded default: minutes on 2 CPU cores
+    python experiments/distill.py --preset smoke     # the same path in about a minute
+    python experiments/distill.py --teacher runs/r1zero --student path/to/hf_model --output_dir runs/distill
+
+1. teacher: --teacher (a finished run's directory or a Hugging Face directory); by default the policy that
+   the R1-Zero default (`experiments/r1zero.py --seed S`) produces, trained once and cached.
+2. rejection sampling: k samples per training problem at T 0.6 / top-p 0.95, keeping those that score full
+   marks on every reward (correct and well formatted), deduplicated -> OUTPUT_DIR/traces.jsonl.
+3. SFT of the student on the traces (re-tokenized from text by the student's own tokenizer)
+   -> OUTPUT_DIR/student_sft (its final/ is the distilled student, a Hugging Face checkpoint).
+4. GRPO of the same student base with the R1-Zero recipe for as many steps as match the SFT's training
+   FLOPs -> OUTPUT_DIR/student_rl.
+5. The R1 protocol on held-out problems for all four -> OUTPUT_DIR/summary.json and summary.png.
+
+Re-running the same command resumes (finished stages are reused).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+
+import r1zero  # experiments/r1zero.py: the R1-Zero recipe (presets, config, cache) this script builds on
+
+# The R1-Zero default recipe with a small evaluation and group (the smoke presets of this script and r1.py).
+SMOKE_FLAGS = ("--num_eval", "16", "--eval_samples", "2", "--group_size", "4")
+PRESETS = {
+    # The teacher is the R1-Zero default policy (0.29M parameters); the student is pretrained on the same
+    # corpus with 0.45x the parameters (demo_base.STUDENT_RECIPE).
+    "default": dict(teacher="r1zero", r1zero_flags=(), num_prompts=1024, samples=8, max_per_prompt=4,
+                    trace_max_new_tokens=64, sft_epochs=2.0, sft_batch_size=16, sft_learning_rate=1e-3),
+    # The same path in about a minute: the demo base model as the teacher, a few problems, tiny budgets.
+    "smoke": dict(teacher="demo_base", r1zero_flags=SMOKE_FLAGS, num_prompts=64, samples=8, max_per_prompt=2,
+                  trace_max_new_tokens=64, sft_epochs=1.0, sft_batch_size=8, sft_learning_rate=1e-3),
+}
+ROLES = ("teacher", "student_before", "student_after", "student_rl")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="default", choices=sorted(PRESETS))
+    p.add_argument("--teacher", help="a finished run's directory or a Hugging Face directory (default: the R1-Zero "
+                   "default policy for --seed, trained and cached if needed)")
+    p.add_argument("--student", help="the student's base model: Hugging Face directory or a finished run's directory "
+                   "(default: the demo student for --seed)")
+    p.add_argument("--output_dir", default="runs/distill")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num_prompts", type=int, help="training problems to sample teacher traces for")
+    p.add_argument("--samples", type=int, help="k: traces sampled per problem")
+    p.add_argument("--max_per_prompt", type=int, help="distinct passing traces kept per problem")
+    p.add_argument("--sft_epochs", type=float, help="passes over the traces")
+    p.add_argument("--overwrite", action="store_true", help="replace a distillation run with another config")
+    return p.parse_args(argv)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Everything the run does, resolved from the preset and flags (written to OUTPUT_DIR/config.json)."""
+
+    preset: str
+    seed: int
+    teacher: str | None
+    student: str | None
+    num_prompts: int
+    samples: int
+    max_per_prompt: int
+    trace_max_new_tokens: int
+    sft_epochs: float
+    sft_batch_size: int
+    sft_learning_rate: float
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    preset = PRESETS[args.preset]
+    pick = lambda name: getattr(args, name) if getattr(args, name) is not None else preset[name]  # noqa: E731
+    return Plan(preset=args.preset, seed=args.seed, teacher=args.teacher, student=args.student,
+                num_prompts=pick("num_prompts"), samples=pick("samples"), max_per_prompt=pick("max_per_prompt"),
+                trace_max_new_tokens=preset["trace_max_new_tokens"], sft_epochs=pick("sft_epochs"), sft_batch_size=preset["sft_batch_size"],
+                sft_learning_rate=preset["sft_learning_rate"])
+
+
+# ---------------------------------------------------------------------------------------------- the R1-Zero recipe
+
+
+def r1zero_config(plan: Plan, *flags: str):
+    """The R1-Zero preset's TrainConfig with `flags` (r1zero.py's command line): one recipe, one protocol."""
+    return r1zero.config_for("default", plan.seed, *PRESETS[plan.preset]["r1zero_flags"], *flags)
+
+
+def teacher_path(plan: Plan) -> str:
+    """The teacher model directory: --teacher, else the demo's (training the R1-Zero default once if needed)."""
+    from grpo_jax.demo_base import demo_model_path
+    from grpo_jax.runs import resolve_init
+
+    if plan.teacher:
+        return resolve_init(plan.teacher)
+    if PRESETS[plan.preset]["teacher"] == "demo_base":
+        return demo_model_path("demo_base", plan.seed, os.path.join(r1zero.CACHE_DIR, "demo"))
+    run_dir = os.path.join(r1zero.CACHE_DIR, f"r1zero_default_seed{plan.seed}")
+    if not os.path.exists(os.path.join(run_dir, "final", "config.json")):
+        print(f"teacher: training the R1-Zero default policy for seed {plan.seed} into {run_dir} (once)")
+        r1zero.run(r1zero.parse_args(["--seed", str(plan.seed), "--output_dir", run_dir]))
+    return resolve_init(run_dir)
+
+
+def student_path(plan: Plan) -> str:
+    from grpo_jax.demo_base import demo_model_path
+    from grpo_jax.runs import resolve_init
+
+    if plan.student:
+        return resolve_init(plan.student)
+    return demo_model_path("demo_student", plan.seed, os.path.join(r1zero.CACHE_DIR, "demo"))
+
+
+def evaluate_model(plan: Plan, model: str) -> dict:
+    from grpo_jax.trainer import evaluate_checkpoint
+
+    return evaluate_checkpoint(r1zero_config(plan, "--model", model))
+
+
+# ---------------------------------------------------------------------------------------------- stages
+
+
+def sample_traces(plan: Plan, teacher: str, out_path: str) -> dict:
+    """Rejection-sample the teacher on training problems into `out_path`; returns what was kept."""
+    from grpo_jax.rejection import RejectionConfig, trace_stats, write_teacher_traces
+
+    rejection = RejectionConfig(num_samples=plan.samples, max_new_tokens=plan.trace_max_new_tokens,
+                                max_per_prompt=plan.max_per_prompt, seed=plan.seed, batch_size=128)
+    records = write_teacher_traces(r1zero_config(plan, "--model", teacher), out_path, rejection, plan.num_prompts)
+    return trace_stats(records, plan.num_prompts, plan.samples)
+
+
+def distill_student(plan: Plan, student: str, traces: str, out_dir: str) -> dict:
+    from grpo_jax.sft_trainer import SFTRunConfig, run_sft
+
+    return run_sft(SFTRunConfig(model=student, data=traces, output_dir=out_dir, batch_size=plan.sft_batch_size,
+                                epochs=plan.sft_epochs, learning_rate=plan.sft_learning_rate, seed=plan.seed))
+
+
+def grpo_step_flops(config, num_params: int, prompt_width: int) -> float:
+    """Model FLOPs of one GRPO step (2N per token forward, 6N forward + backward; attention left out):
+    the rollout's prefill and decode, the reference forward (beta > 0) and the policy's forward + backward."""
+    rows = config.prompts_per_step * config.group_size
+    rollout_tokens = config.prompts_per_step * prompt_width + rows * config.max_new_tokens
+    update_tokens = rows * (prompt_width + config.max_new_tokens)
+    passes = 6 * config.grpo.num_iterations + (2 if config.grpo.beta > 0 else 0)
+    return 2 * num_params * rollout_tokens + passes * num_params * update_tokens
+
+
+def rl_steps_for_budget(plan: Plan, student: str, sft_summary: dict) -> dict:
+    """GRPO steps whose model FLOPs match the SFT run's (6N per trained token position)."""
+    from grpo_jax.data import load_task, render_prompt
+    from grpo_jax.models import load_tokenizer
+    from grpo_jax.trainer import prompt_width
+
+    config = r1zero_config(plan, "--model", student)
+    tokenizer = load_tokenizer(student)
+    task = load_task(config.task, seed=config.seed, num_eval=config.num_eval)
+    width = prompt_width(tokenizer, [render_prompt(config.template, ex, tokenizer) for ex in task.train + task.eval],
+                         config.max_prompt_len)
+    num_params = sft_summary["num_params"]
+    sft_flops = 6 * num_params * sft_summary["steps"] * sft_summary["tokens_per_step"]
+    step_flops = grpo_step_flops(config, num_params, width)
+    return {"sft_flops": sft_flops, "grpo_step_flops": step_flops,
+            "rl_steps": max(1, round(sft_flops / step_flops))}
+
+
+def train_student_rl(plan: Plan, student: str, steps: int, out_dir: str) -> dict:
+    from grpo_jax.trainer import train
+
+    return train(r1zero_config(plan, "--model", student, "--steps", str(steps), "--output_dir", out_dir))
+
+
+# ---------------------------------------------------------------------------------------------- the run
+
+
+def distill(plan: Plan, output_dir: str, overwrite: bool = False) -> dict:
+    from grpo_jax.metrics import plot_comparison
+    from grpo_jax.runs import prepare_output_dir, resolve_init, write_json
+
+    prepare_output_dir(output_dir, dataclasses.asdict(plan), overwrite=overwrite)
+    wall, started = {}, time.perf_counter()
+
+    def stage(name, fn, *args):
+        begin = time.perf_counter()
+        print(f"\n== {name}")
+        result = fn(*args)
+        wall[name] = round(time.perf_counter() - begin, 1)
+        return result
+
+    for given in (plan.teacher, plan.student):
+        if given:
+            resolve_init(given)  # a bad path fails in seconds, before any training
+    student = student_path(plan)
+    teacher = stage("teacher", teacher_path, plan)
+    results = {"teacher": stage("evaluate teacher", evaluate_model, plan, teacher)}
+    traces_path = os.path.join(output_dir, "traces.jsonl")
+    traces = stage("rejection sampling", sample_traces, plan, teacher, traces_path)
+    sft = stage("SFT (distillation)", distill_student, plan, student, traces_path,
+                os.path.join(output_dir, "student_sft"))
+    results["student_after"] = stage("evaluate distilled student", evaluate_model, plan,
+                                     os.path.join(output_dir, "student_sft"))
+    budget = rl_steps_for_budget(plan, student, sft)
+    rl = stage(f"GRPO on the student ({budget['rl_steps']} steps, the SFT's FLOPs)", train_student_rl, plan, student,
+               budget["rl_steps"], os.path.join(output_dir, "student_rl"))
+    results["student_before"], results["student_rl"] = rl["eval_before"], rl["eval_after"]
+
+    teacher_pass, after, before = (results[k]["pass@1"] for k in ("teacher", "student_after", "student_before"))
+    summary = {
+        **{role: results[role] for role in ROLES},
+        "bar": {"student_after >= 0.8 x teacher": after >= 0.8 * teacher_pass,
+                "student_after >= student_before + 0.20": after >= before + 0.20},
+        "models": {"teacher": teacher, "student": student, "distilled": os.path.join(output_dir, "student_sft", "final"),
+                   "student_rl": os.path.join(output_dir, "student_rl", "final")},
+        "traces": traces,
+        "compute": {**budget, "sft_steps": sft["steps"]},
+        "wall_s": {**wall, "total": round(time.perf_counter() - started, 1)},
+    }
+    write_json(os.path.join(output_dir, "summary.json"), summary)
+    plot_comparison({role: results[role] for role in ROLES}, ("pass@1", "format_rate", "accuracy_any_format"),
+                    os.path.join(output_dir, "summary.png"), title=f"distillation vs RL on the student (seed {plan.seed})")
+    return summary
+
+
+def print_table(summary: dict) -> None:
+    keys = ("pass@1", "format_rate", "accuracy_any_format", "greedy_accuracy")
+    print(f"\n{'model':<16}" + "".join(f"{k:>21}" for k in keys))
+    for role in ROLES:
+        print(f"{role:<16}" + "".join(f"{summary[role].get(k, float('nan')):>21.3f}" for k in keys))
+    compute = summary["compute"]
+    print(f"\nstudent_rl: {compute['rl_steps']} GRPO steps = the SFT's {compute['sft_flops'] / 1e12:.2f} TFLOP; "
+          f"traces: {summary['traces']['traces']} from {summary['traces']['problems']} problems; "
+          f"{summary['wall_s']['total']:.0f}s in all")
+    print("bar: " + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in summary["bar"].items()))
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    try:
+        summary = distill(make_plan(args), args.output_dir, overwrite=args.overwrite)
+    except (ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError) as error:
+        sys.exit(f"error: {error}")
+    print_table(summary)
+    print(f"summary: {os.path.join(args.output_dir, 'summary.json')}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Run directories, shared by every stage (GRPO, SFT, distillation).
+
+A stage writes into its OUTPUT_DIR: `config.json` (what it was asked to do), `metrics.jsonl` and
+`tensorboard/`, `checkpoints/` (Orbax, for resuming), `summary.json`, and `final/`: the trained policy as
+a Hugging Face checkpoint with its tokenizer. The next stage starts from that export (`--init_from`):
+
+    resolve_init("runs/cold_start")      # -> "runs/cold_start/final"
+    resolve_init("path/to/hf_model")     # -> unchanged
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Sequence
+
+import jax
+from jax.experimental import multihost_utils
+
+from grpo_jax.sharding import is_main_process, to_host
+
+FINAL_DIR = "final"
+
+
+def resolve_init(path: str | os.PathLike) -> str:
+    """The model a stage starts from: a run directory's `final/` export, or `path` itself when it is a
+    Hugging Face directory or a .gguf file. An unfinished run is a clear error (nothing is loaded)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no model or run at {path}: give a Hugging Face directory, a .gguf file, or the "
+                                "output directory of a finished run")
+    final = os.path.join(path, FINAL_DIR)
+    if os.path.isdir(final):
+        return final
+    if os.path.isdir(os.path.join(path, "checkpoints")) or os.path.exists(os.path.join(path, "metrics.jsonl")):
+        raise FileNotFoundError(f"run {path} has no {FINAL_DIR}/ export: it has not finished; re-run its command "
+                                "(it resumes from its latest checkpoint) to finish and export it")
+    return path
+
+
+def check_tokenizer_fits(tokenizer, model, path: str) -> None:
+    """A tokenizer whose ids run past the model's vocabulary belongs to another model."""
+    if len(tokenizer) > model.config.vocab_size:
+        raise ValueError(
+            f"tokenizer of {path} has {len(tokenizer)} tokens but the model's vocabulary is "
+            f"{model.config.vocab_size}: they do not belong together"
+        )
+
+
+def prepare_output_dir(output_dir: str, config: dict, *, overwrite: bool, resumable: Sequence[str] = ()) -> None:
+    """Write `config` to OUTPUT_DIR/config.json, refusing to mix runs.
+
+    An output dir that holds a run with a different config (apart from the `resumable` fields, which
+    may change between a run and its resumption) is an error, or is deleted first with `overwrite`.
+    """
+    path = os.path.join(output_dir, "config.json")
+    current = json.loads(json.dumps(config, default=str))
+    if os.path.exists(path) and is_main_process():
+        with open(path) as f:
+            saved = json.load(f)
+        differs = sorted(k for k in set(saved) | set(current) if k not in resumable and saved.get(k) != current.get(k))
+        if differs and not overwrite:
+            raise ValueError(
+                f"{output_dir} holds a run with a different config ({', '.join(differs)} differ): pick another "
+                "--output_dir, or pass --overwrite to delete that run"
+            )
+        if differs:
+            shutil.rmtree(output_dir)
+    if is_main_process():
+        os.makedirs(output_dir, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(current, f, indent=2)
+    multihost_utils.sync_global_devices("output dir ready")
+
+
+def export_policy(model, params, tokenizer, out_dir: str) -> None:
+    """Write (possibly sharded, multi-host) params as a Hugging Face checkpoint with the tokenizer.
+
+    Collective: every process must call it (the params are gathered); process 0 writes.
+    """
+    from grpo_jax.models import save_pretrained
+
+    host_params = jax.tree.map(to_host, params)
+    if is_main_process():
+        save_pretrained(model, host_params, out_dir, tokenizer=tokenizer)
+
+
+def write_json(path: str, value: dict) -> None:
+    """`value` as indented JSON at `path`, on process 0 only."""
+    if is_main_process():
+        with open(path, "w") as f:
+            json.dump(value, f, indent=2)
