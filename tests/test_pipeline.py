@@ -35,27 +35,29 @@ def cache_dir(tmp_path_factory):
 
 @pytest.mark.slow
 def test_distill_smoke_writes_the_comparison(tmp_path, cache_dir):
+    import jax
+
     from grpo_jax.demo_base import SHIPPED_DIR
     from grpo_jax.models import load_pretrained
     from grpo_jax.rejection import read_traces
 
     out = tmp_path / "distill"
-    # The shipped demo base plays the student too: no pretraining in a test.
-    student = os.path.join(SHIPPED_DIR, "demo_base_seed0")
-    proc = run_script("distill.py", "--preset", "smoke", "--student", student, "--output_dir", str(out),
-                      cache_dir=cache_dir)
+    proc = run_script("distill.py", "--preset", "smoke", "--output_dir", str(out), cache_dir=cache_dir)
     summary = read(out / "summary.json")
     for role in ROLES:
         assert 0.0 <= summary[role]["pass@1"] <= 1.0 and summary[role]["num_problems"] == 16
-    assert summary["student_before"]["pass@1"] == summary["teacher"]["pass@1"]  # the same model, the same protocol
+    # The shipped demo models (no pretraining in a test): the student is the smaller one.
+    assert summary["models"]["student"] == os.path.join(SHIPPED_DIR, "demo_student_seed0")
     traces = read_traces(str(out / "traces.jsonl"))
     assert len(traces) == summary["traces"]["traces"] > 0
     assert all(t["rewards"] == {"format_reward": 1.0, "accuracy_reward": 1.0} for t in traces)
     compute = summary["compute"]
     assert compute["rl_steps"] == max(1, round(compute["sft_flops"] / compute["grpo_step_flops"]))
     assert read(out / "student_rl" / "summary.json")["steps"] == compute["rl_steps"]
-    model, params = load_pretrained(out / "student_sft" / "final")
-    assert model.config.num_params == sum(np.size(p) for p in __import__("jax").tree.leaves(params))
+    student, student_params = load_pretrained(out / "student_sft" / "final")
+    teacher, _ = load_pretrained(summary["models"]["teacher"])
+    assert student.config.num_params == sum(np.size(p) for p in jax.tree.leaves(student_params))
+    assert student.config.num_params < 0.5 * teacher.config.num_params
     assert (out / "summary.png").stat().st_size > 10_000
     assert "student_after" in proc.stdout and "bar:" in proc.stdout
 
@@ -80,10 +82,15 @@ def test_r1_pipeline_smoke_runs_every_stage_from_the_last(tmp_path, cache_dir):
     ("distill.py", ["--student", "/nonexistent/student"], "error: no model or run at /nonexistent/student"),
     ("r1zero.py", ["--init_from", "UNFINISHED"], "has no final/ export: it has not finished"),
     ("r1zero.py", ["--init_from", "x", "--model", "y"], "error: give --model (a base model) or --init_from"),
+    ("sft.py", ["--init_from", "UNFINISHED", "--data", "/nonexistent/traces.jsonl"], "error: no trace file at"),
+    ("sft.py", ["--init_from", "UNFINISHED", "--data", "TRACES"], "has no final/ export: it has not finished"),
 ])
 def test_bad_stage_inputs_are_one_line_errors(tmp_path, cache_dir, script, args, message):
+    from grpo_jax.rejection import write_traces
+
     (tmp_path / "unfinished" / "checkpoints").mkdir(parents=True)
-    args = [str(tmp_path / "unfinished") if a == "UNFINISHED" else a for a in args]
+    traces = write_traces(str(tmp_path / "traces.jsonl"), [{"prompt": "1+1=", "completion": " 2"}])
+    args = [{"UNFINISHED": str(tmp_path / "unfinished"), "TRACES": traces}.get(a, a) for a in args]
     proc = run_script(script, *args, "--output_dir", str(tmp_path / "out"), cache_dir=cache_dir, check=False)
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1].startswith("error:") and message in proc.stderr
