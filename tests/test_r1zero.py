@@ -68,6 +68,26 @@ def test_smoke_preset_writes_everything(smoke_run):
 
 
 @pytest.mark.slow
+def test_exported_policy_reloads_with_the_trained_logits(smoke_run):
+    import jax
+    import numpy as np
+
+    from grpo_jax.checkpoint import Checkpointer
+    from grpo_jax.grpo import TrainState
+    from grpo_jax.models import load_pretrained
+    from grpo_jax.optim import OptimizerConfig, make_optimizer
+
+    out_dir, _ = smoke_run
+    model, exported = load_pretrained(out_dir / "final")
+    target = {"train": TrainState.create(exported, make_optimizer(OptimizerConfig()))}
+    with Checkpointer(out_dir / "checkpoints") as checkpointer:
+        restored, _ = checkpointer.restore(4, target)
+    ids = np.arange(1, 17, dtype=np.int32)[None]
+    np.testing.assert_array_equal(np.asarray(model.apply(exported, ids)),
+                                  np.asarray(model.apply(jax.device_get(restored["train"].params), ids)))
+
+
+@pytest.mark.slow
 def test_kill_9_then_resume_logs_the_same_steps(smoke_run, cache_dir, tmp_path):
     reference = {r["step"]: r for r in read_jsonl(smoke_run[0] / "metrics.jsonl")}
     out_dir = tmp_path / "killed"
