@@ -320,6 +320,8 @@ def sft_train(
         skipped.append(metrics["skipped"])
         bar.update(1)
         if step % config.log_every == 0 or step == config.num_steps:
+            # One device sync per report, not per step.
+            losses, skipped = np.asarray(jax.device_get(losses)), np.asarray(jax.device_get(skipped))
             report = _report(metrics, losses, skipped, step, start_step, started)
             consecutive_skips = _trailing_skips(skipped, consecutive_skips)
             losses, skipped = [], []
@@ -340,17 +342,17 @@ def sft_train(
     return params, step
 
 
-def _trailing_skips(skipped: list, before: int) -> int:
+def _trailing_skips(skipped: np.ndarray, before: int) -> int:
     """Skipped steps in a row at the end of this report window (carrying on the previous window's run)."""
     count = before
-    for flag in jax.device_get(skipped):
+    for flag in skipped:
         count = count + 1 if flag else 0
     return count
 
 
-def _report(metrics: dict, losses: list, skipped: list, step: int, start_step: int, started: float) -> dict:
-    """Host-side summary of the steps since the last report (one device sync per report, not per step)."""
-    losses, skipped = np.asarray(jax.device_get(losses)), np.asarray(jax.device_get(skipped))
+def _report(metrics: dict, losses: np.ndarray, skipped: np.ndarray, step: int, start_step: int,
+            started: float) -> dict:
+    """Summary of the steps since the last report, from their host-side losses and skip flags."""
     finite = losses[skipped == 0]
     return {
         "loss": float(finite.mean()) if finite.size else float("nan"),
