@@ -1,4 +1,5 @@
-"""The transformer itself: KV-cache decoding, bfloat16 compute, RoPE frequency scaling."""
+"""The transformer itself: KV-cache decoding, bfloat16 compute, RoPE frequency scaling, and the pieces
+with hand-written speed paths (`dense`'s backward, block-wise causal attention) against plain references."""
 
 import dataclasses
 import functools
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from grpo_jax.models import ModelConfig, RopeScaling, Transformer, positions_from_mask
-from grpo_jax.models.transformer import rope_inverse_frequencies
+from grpo_jax.models.transformer import attention, causal_attention, dense, rope_inverse_frequencies
 
 SEQ_LEN = 10  # one shape for every forward here, so each family compiles its forward once
 
@@ -113,3 +114,38 @@ def test_linear_and_unscaled_rope_frequencies():
     np.testing.assert_allclose(np.asarray(rope_inverse_frequencies(base)), [1, 0.1, 0.01, 0.001], rtol=1e-6)
     linear = dataclasses.replace(base, rope_scaling=RopeScaling("linear", factor=4.0))
     np.testing.assert_allclose(np.asarray(rope_inverse_frequencies(linear)), unscaled / 4, rtol=1e-6)
+
+
+def test_dense_value_and_gradients_match_float64():
+    """`dense` has a hand-written backward (for XLA:CPU's layouts): value, dx and dw against NumPy float64."""
+    rng = np.random.default_rng(0)
+    x, w, dy = rng.standard_normal((2, 3, 5)), rng.standard_normal((5, 4)), rng.standard_normal((2, 3, 4))
+    value, grads = jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(dense(x, w) * dy), argnums=(0, 1)))(
+        jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32)
+    )
+    np.testing.assert_allclose(value, np.sum((x @ w) * dy), rtol=1e-5)
+    np.testing.assert_allclose(grads[0], dy @ w.T, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(grads[1], np.einsum("bti,bto->io", x, dy), rtol=1e-5, atol=1e-6)
+
+
+def test_blockwise_causal_attention_equals_full_attention():
+    """Query blocks that see only the keys before their end give the full masked attention's outputs and
+    gradients (left-padded rows, grouped-query heads, a last block shorter than the others). A pad query
+    sees no key, so its output is arbitrary in both and left out (as the model's loss leaves it out)."""
+    b, t, hq, hkv, hd, block = 2, 11, 4, 2, 8, 3
+    keys = jax.random.split(jax.random.key(0), 4)
+    q = jax.random.normal(keys[0], (b, t, hq, hd))
+    k, v = (jax.random.normal(key, (b, t, hkv, hd)) for key in keys[1:3])
+    real = jnp.arange(t)[None] >= jnp.array([[0], [4]])  # row 1: 4 left pads
+    mask = jnp.tril(jnp.ones((t, t), jnp.bool_))[None] & real[:, None, :]
+    weights = jax.random.normal(keys[3], (b, t, hq * hd)) * real[..., None]
+
+    def loss(fn, q, k, v):
+        return jnp.sum(fn(q, k, v, mask) * weights)
+
+    blockwise = functools.partial(causal_attention, block=block)
+    np.testing.assert_allclose(blockwise(q, k, v, mask)[real], attention(q, k, v, mask)[real], atol=1e-6)
+    grads = jax.grad(functools.partial(loss, blockwise), argnums=(0, 1, 2))(q, k, v)
+    expected = jax.grad(functools.partial(loss, attention), argnums=(0, 1, 2))(q, k, v)
+    for got, want in zip(grads, expected):
+        np.testing.assert_allclose(got, want, atol=1e-5)

@@ -127,6 +127,27 @@ def attention(q, k, v, mask):
     return out.reshape(b, t, hq * hd)
 
 
+# Query rows per block of `causal_attention`: long sequences attend block by block.
+QUERY_BLOCK = 128
+
+
+def causal_attention(q, k, v, mask, block: int = QUERY_BLOCK):
+    """`attention` for a causal self-attention (query i sees keys <= i), in blocks of `block` queries.
+
+    Query block [s, e) needs only the keys before e: beyond 2 blocks this skips about a third of the
+    [T, T] scores (and of their saved copies for the backward), which at T = 520 are the largest
+    tensors of the update. Up to 2 blocks it is `attention` itself. Same shapes as `attention`.
+    """
+    t = q.shape[1]
+    if t <= 2 * block:
+        return attention(q, k, v, mask)
+    outputs = []
+    for start in range(0, t, block):
+        end = min(start + block, t)
+        outputs.append(attention(q[:, start:end], k[:, :end], v[:, :end], mask[:, start:end, :end]))
+    return jnp.concatenate(outputs, axis=1)
+
+
 def cached_attention(q, k, v, mask):
     """`attention` over one layer's cache, laid out [B, Hkv, S, hd] (see `KVCache`).
 
@@ -147,6 +168,34 @@ def cached_attention(q, k, v, mask):
         scores = jnp.einsum("bkgd,bksd->bkgs", q, k, preferred_element_type=jnp.float32)
     probs = _masked_softmax(scores / math.sqrt(hd), mask[:, None, None, 0, :], v.dtype)  # [B, Hkv, G, S]
     return jnp.einsum("bkgs,bksd->bkgd", probs, v).reshape(b, 1, hq * hd)
+
+
+@jax.custom_vjp
+def dense(x: jax.Array, w: jax.Array) -> jax.Array:
+    """`x @ w` for x [..., in] and w [in, out], with the same gradients as autodiff gives.
+
+    Why a custom backward: the weight gradient contracts over the tokens, and XLA:CPU wants both of
+    its operands transposed for that dot. Left to itself it fuses the elementwise gradient feeding `dy`
+    (SiLU's, RoPE's) into that transposed copy, a strided loop that took 30% of the backward; an
+    optimization barrier keeps them apart, so the elementwise loop runs in order and the transpose is a
+    plain (tiled, fast) copy. Off CPU the barrier is left out: there the fusion is a gain.
+    """
+    return x @ w
+
+
+def _dense_forward(x, w):
+    return x @ w, (x, w)
+
+
+def _dense_backward(saved, dy):
+    x, w = saved
+    if jax.default_backend() == "cpu":
+        x, dy = jax.lax.optimization_barrier((x, dy))
+    dw = jnp.einsum("...i,...o->io", x, dy)
+    return dy @ w.T, dw.astype(w.dtype)
+
+
+dense.defvjp(_dense_forward, _dense_backward)
 
 
 def _masked_softmax(scores: jax.Array, mask: jax.Array, dtype) -> jax.Array:
@@ -262,7 +311,7 @@ class Transformer:
         def layer(x, p):
             h = rms_norm(x, p["attn_norm"], self.config.rms_norm_eps)
             q, k, v = self._qkv(p, h, positions, inv_freq)
-            x = x + attention(q, k, v, mask) @ p["wo"]
+            x = x + dense(causal_attention(q, k, v, mask), p["wo"])
             return self._mlp(p, x), None
 
         # Unrolled on CPU: XLA:CPU then lays out each layer's saved activations for the backward's dots
@@ -325,7 +374,7 @@ class Transformer:
     def _qkv(self, p, h, positions, inv_freq):
         c = self.config
         b, t, _ = h.shape
-        q, k, v = h @ p["wq"], h @ p["wk"], h @ p["wv"]
+        q, k, v = dense(h, p["wq"]), dense(h, p["wk"]), dense(h, p["wv"])
         if c.attention_bias:
             q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
         q = q.reshape(b, t, c.num_heads, c.head_dim)
@@ -338,7 +387,7 @@ class Transformer:
 
     def _mlp(self, p, x):
         h = rms_norm(x, p["mlp_norm"], self.config.rms_norm_eps)
-        return x + (jax.nn.silu(h @ p["w_gate"]) * (h @ p["w_up"])) @ p["w_down"]
+        return x + dense(jax.nn.silu(dense(h, p["w_gate"])) * dense(h, p["w_up"]), p["w_down"])
 
 
 def _write_slots(buffer: jax.Array, values: jax.Array, start: jax.Array) -> jax.Array:
