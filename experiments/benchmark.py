@@ -436,6 +436,9 @@ def write_sweep_report(results: dict, out_dir: str) -> None:
         time_ax.legend()
         mem_ax.plot(values, [r["peak_rss_mb"] for _, r in points], "o-")
         mem_ax.set(xscale="log", xlabel=flag, ylabel="peak RSS (MB)", title=f"memory vs {flag}")
+        for ax in (time_ax, mem_ax):  # label the measured points, not log-scale minor ticks
+            ax.set_xticks(values, [str(v) for v in values])
+            ax.minorticks_off()
         fig.tight_layout()
         fig.savefig(os.path.join(out_dir, f"scaling_{flag}.png"), dpi=110)
         plt.close(fig)

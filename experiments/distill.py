@@ -34,7 +34,7 @@ PRESETS = {
     # The teacher is the R1-Zero default policy (0.29M parameters); the student is pretrained on the same
     # corpus with 0.45x the parameters (demo_base.STUDENT_RECIPE).
     "default": dict(teacher="r1zero", r1zero_flags=(), num_prompts=2048, samples=4, max_per_prompt=4,
-                    trace_max_new_tokens=64, sft_epochs=2.0, sft_batch_size=16, sft_learning_rate=1e-3),
+                    trace_max_new_tokens=64, sft_epochs=3.0, sft_batch_size=16, sft_learning_rate=1e-3),
     # The same path in about a minute: the demo base model as the teacher, a few problems, tiny budgets.
     "smoke": dict(teacher="demo_base", r1zero_flags=SMOKE_FLAGS, num_prompts=64, samples=8, max_per_prompt=2,
                   trace_max_new_tokens=64, sft_epochs=1.0, sft_batch_size=8, sft_learning_rate=1e-3),
