@@ -172,13 +172,13 @@ def cached_attention(q, k, v, mask):
 
 @jax.custom_vjp
 def dense(x: jax.Array, w: jax.Array) -> jax.Array:
-    """`x @ w` for x [..., in] and w [in, out], with the same gradients as autodiff gives.
+    """`x @ w` for x [..., in] and w [in, out], with autodiff's gradients (up to summation order).
 
     Why a custom backward: the weight gradient contracts over the tokens, and XLA:CPU wants both of
     its operands transposed for that dot. Left to itself it fuses the elementwise gradient feeding `dy`
     (SiLU's, RoPE's) into that transposed copy, a strided loop that took 30% of the backward; an
     optimization barrier keeps them apart, so the elementwise loop runs in order and the transpose is a
-    plain (tiled, fast) copy. Off CPU the barrier is left out: there the fusion is a gain.
+    plain copy (docs/benchmarks.md, P5). The barrier is applied on CPU only, where it was measured.
     """
     return x @ w
 
