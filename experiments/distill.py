@@ -96,14 +96,14 @@ def r1zero_config(plan: Plan, *flags: str):
 def teacher_path(plan: Plan) -> str:
     """The teacher model directory: --teacher, else the demo's (training the R1-Zero default once if needed)."""
     from grpo_jax.demo_base import demo_model_path
-    from grpo_jax.runs import resolve_init
+    from grpo_jax.runs import FINAL_DIR, resolve_init
 
     if plan.teacher:
         return resolve_init(plan.teacher)
     if PRESETS[plan.preset]["teacher"] == "demo_base":
         return demo_model_path("demo_base", plan.seed, os.path.join(r1zero.CACHE_DIR, "demo"))
     run_dir = os.path.join(r1zero.CACHE_DIR, f"r1zero_default_seed{plan.seed}")
-    if not os.path.exists(os.path.join(run_dir, "final", "config.json")):
+    if not os.path.exists(os.path.join(run_dir, FINAL_DIR, "config.json")):
         print(f"teacher: training the R1-Zero default policy for seed {plan.seed} into {run_dir} (once)")
         r1zero.run(r1zero.parse_args(["--seed", str(plan.seed), "--output_dir", run_dir]))
     return resolve_init(run_dir)
@@ -156,15 +156,13 @@ def grpo_step_flops(config, num_params: int, prompt_width: int) -> float:
 
 def rl_steps_for_budget(plan: Plan, student: str, sft_summary: dict) -> dict:
     """GRPO steps whose model FLOPs match the SFT run's (6N per trained token position)."""
-    from grpo_jax.data import load_task, render_prompt
+    from grpo_jax.data import load_task
     from grpo_jax.models import load_tokenizer
     from grpo_jax.trainer import prompt_width
 
     config = r1zero_config(plan, "--model", student)
-    tokenizer = load_tokenizer(student)
     task = load_task(config.task, seed=config.seed, num_eval=config.num_eval)
-    width = prompt_width(tokenizer, [render_prompt(config.template, ex, tokenizer) for ex in task.train + task.eval],
-                         config.max_prompt_len)
+    width = prompt_width(config, task, load_tokenizer(student))
     num_params = sft_summary["num_params"]
     sft_flops = 6 * num_params * sft_summary["steps"] * sft_summary["tokens_per_step"]
     step_flops = grpo_step_flops(config, num_params, width)
@@ -183,7 +181,7 @@ def train_student_rl(plan: Plan, student: str, steps: int, out_dir: str) -> dict
 
 def distill(plan: Plan, output_dir: str, overwrite: bool = False) -> dict:
     from grpo_jax.metrics import plot_comparison
-    from grpo_jax.runs import prepare_output_dir, resolve_init, write_json
+    from grpo_jax.runs import prepare_output_dir, write_json
 
     prepare_output_dir(output_dir, dataclasses.asdict(plan), overwrite=overwrite)
     wall, started = {}, time.perf_counter()
@@ -195,10 +193,7 @@ def distill(plan: Plan, output_dir: str, overwrite: bool = False) -> dict:
         wall[name] = round(time.perf_counter() - begin, 1)
         return result
 
-    for given in (plan.teacher, plan.student):
-        if given:
-            resolve_init(given)  # a bad path fails in seconds, before any training
-    student = student_path(plan)
+    student = student_path(plan)  # before the teacher, which may train first: a bad --student fails in seconds
     teacher = stage("teacher", teacher_path, plan)
     results = {"teacher": stage("evaluate teacher", evaluate_model, plan, teacher)}
     traces_path = os.path.join(output_dir, "traces.jsonl")

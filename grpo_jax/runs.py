@@ -16,6 +16,7 @@ import shutil
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 from jax.experimental import multihost_utils
 
 from grpo_jax.sharding import is_main_process, to_host
@@ -39,13 +40,20 @@ def resolve_init(path: str | os.PathLike) -> str:
     return path
 
 
-def check_tokenizer_fits(tokenizer, model, path: str) -> None:
-    """A tokenizer whose ids run past the model's vocabulary belongs to another model."""
-    if len(tokenizer) > model.config.vocab_size:
+def load_policy(model: str | os.PathLike, dtype: str = "float32"):
+    """(path, model, params, tokenizer) a stage starts from: `resolve_init(model)` loaded in `dtype`
+    ("float32" or "bfloat16"), with its tokenizer checked against the model's vocabulary."""
+    from grpo_jax.models import load_pretrained, load_tokenizer
+
+    path = resolve_init(model)
+    transformer, params = load_pretrained(path, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
+    tokenizer = load_tokenizer(path)
+    if len(tokenizer) > transformer.config.vocab_size:  # its ids would index past the embedding table
         raise ValueError(
             f"tokenizer of {path} has {len(tokenizer)} tokens but the model's vocabulary is "
-            f"{model.config.vocab_size}: they do not belong together"
+            f"{transformer.config.vocab_size}: they do not belong together"
         )
+    return path, transformer, params, tokenizer
 
 
 def prepare_output_dir(output_dir: str, config: dict, *, overwrite: bool, resumable: Sequence[str] = ()) -> None:
@@ -69,8 +77,7 @@ def prepare_output_dir(output_dir: str, config: dict, *, overwrite: bool, resuma
             shutil.rmtree(output_dir)
     if is_main_process():
         os.makedirs(output_dir, exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(current, f, indent=2)
+    write_json(path, current)
     multihost_utils.sync_global_devices("output dir ready")
 
 

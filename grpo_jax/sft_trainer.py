@@ -16,14 +16,12 @@ import os
 import time
 from collections.abc import Sequence
 
-import jax.numpy as jnp
 
 from grpo_jax.checkpoint import Checkpointer, install_sigterm_handler
 from grpo_jax.data import render_prompt
 from grpo_jax.metrics import MetricsWriter, plot_metrics
-from grpo_jax.models import load_pretrained, load_tokenizer
 from grpo_jax.rejection import read_traces
-from grpo_jax.runs import FINAL_DIR, check_tokenizer_fits, export_policy, prepare_output_dir, resolve_init, write_json
+from grpo_jax.runs import FINAL_DIR, export_policy, load_policy, prepare_output_dir, write_json
 from grpo_jax.sft import SFTConfig, completion_example, iterate_batches, pack_documents, pad_documents, sft_train
 from grpo_jax.sharding import is_main_process, make_mesh, parse_mesh
 from grpo_jax.text import bucket_length
@@ -105,10 +103,7 @@ def run_sft(config: SFTRunConfig) -> dict:
     records = read_traces(config.data)
     if not records:
         raise ValueError(f"{config.data} holds no traces: nothing to train on")
-    path = resolve_init(config.model)
-    model, params = load_pretrained(path, dtype=jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32)
-    tokenizer = load_tokenizer(path)
-    check_tokenizer_fits(tokenizer, model, path)
+    path, model, params, tokenizer = load_policy(config.model, config.dtype)
     token_lists, masks = sft_examples(records, tokenizer, config.template)
     seq_len = config.seq_len or bucket_length(max(len(ids) for ids in token_lists) + 1)
     layout = pack_documents if config.packing else pad_documents

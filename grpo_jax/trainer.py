@@ -36,10 +36,9 @@ from grpo_jax.grpo import (
     overlong_penalty,
 )
 from grpo_jax.metrics import MetricsWriter, plot_metrics
-from grpo_jax.models import load_pretrained, load_tokenizer
 from grpo_jax.optim import OptimizerConfig, make_optimizer
 from grpo_jax.rollout import make_generate_fn, SamplingConfig, stop_sequences_for, truncate_at_stop
-from grpo_jax.runs import FINAL_DIR, check_tokenizer_fits, export_policy, prepare_output_dir, resolve_init, write_json
+from grpo_jax.runs import FINAL_DIR, export_policy, load_policy, prepare_output_dir, write_json
 from grpo_jax.sharding import (
     batch_sharding,
     check_batch_divisible,
@@ -127,10 +126,12 @@ def prompt_order(num_examples: int, seed: int, position: int, count: int) -> np.
     return np.asarray(indices)
 
 
-def prompt_width(tokenizer, texts: list[str], max_prompt_len: int) -> int:
-    """The run's fixed prompt width: the longest prompt, bucketed, at most `max_prompt_len` (one compile)."""
+def prompt_width(config: TrainConfig, task, tokenizer) -> int:
+    """The run's fixed prompt width (one compile): its longest rendered prompt, train or eval, bucketed,
+    at most `config.max_prompt_len`."""
+    texts = [render_prompt(config.template, ex, tokenizer) for ex in task.train + task.eval]
     longest = max(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
-    return min(bucket_length(longest), max_prompt_len)
+    return min(bucket_length(longest), config.max_prompt_len)
 
 
 class Trainer:
@@ -145,9 +146,7 @@ class Trainer:
         if rows % cfg.grpo.num_minibatches:
             raise ValueError(f"{rows} rollouts per step are not divisible by num_minibatches={cfg.grpo.num_minibatches}")
         self.task, self.model, params, self.tokenizer = load_run_inputs(cfg)
-        self.prompt_width = prompt_width(self.tokenizer, [render_prompt(cfg.template, ex, self.tokenizer)
-                                                          for ex in self.task.train + self.task.eval],
-                                         cfg.max_prompt_len)
+        self.prompt_width = prompt_width(cfg, self.task, self.tokenizer)
         if self.prompt_width + cfg.max_new_tokens > self.model.config.max_position_embeddings:
             raise ValueError(
                 f"prompts of {self.prompt_width} tokens + max_new_tokens {cfg.max_new_tokens} exceed the model's "
@@ -406,10 +405,7 @@ def load_run_inputs(config: TrainConfig):
     """(task, model, params, tokenizer) of a run, with the tokenizer checked against the model."""
     task = load_task(config.task, data_path=config.data, seed=config.seed, num_train=config.num_train,
                      num_eval=config.num_eval, **config.task_options)
-    path = resolve_init(config.model)
-    model, params = load_pretrained(path, dtype=jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32)
-    tokenizer = load_tokenizer(path)
-    check_tokenizer_fits(tokenizer, model, path)
+    _, model, params, tokenizer = load_policy(config.model, config.dtype)
     return task, model, params, tokenizer
 
 
@@ -418,8 +414,7 @@ def evaluate_checkpoint(config: TrainConfig) -> dict:
     exactly as a run's own evaluation samples them (same mesh, same prompt width)."""
     task, model, params, tokenizer = load_run_inputs(config)
     mesh = make_mesh(parse_mesh(config.mesh))
-    width = prompt_width(tokenizer, [render_prompt(config.template, ex, tokenizer) for ex in task.train + task.eval],
-                         config.max_prompt_len)
+    width = prompt_width(config, task, tokenizer)
     return evaluate(model, shard_params(params, param_shardings(model, mesh)), tokenizer, task.eval, task,
                     template=config.template, config=config.eval, max_prompt_len=config.max_prompt_len,
                     prompt_width=width, mesh=mesh)

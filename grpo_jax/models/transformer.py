@@ -176,7 +176,7 @@ def dense(x: jax.Array, w: jax.Array) -> jax.Array:
 
     Why a custom backward: the weight gradient contracts over the tokens, and XLA:CPU wants both of
     its operands transposed for that dot. Left to itself it fuses the elementwise gradient feeding `dy`
-    (SiLU's, RoPE's) into that transposed copy, a strided loop that took 30% of the backward; an
+    (SiLU's, RoPE's) into that transposed copy, a strided loop that took 30% of forward + backward; an
     optimization barrier keeps them apart, so the elementwise loop runs in order and the transpose is a
     plain copy (docs/benchmarks.md, P5). The barrier is applied on CPU only, where it was measured.
     """
