@@ -5,6 +5,8 @@ machine's measured matmul peak.
     python experiments/benchmark.py --model peer-tiny-qwen2      # the peers' checkpoint (HF dir or .gguf)
     python experiments/benchmark.py --max_new_tokens 512 --steps 4
     python experiments/benchmark.py --sweep docs/benchmarks      # scaling sweep: PNG plots + a markdown table
+    python experiments/benchmark.py --random_model qwen2.5-0.5b --dtype bfloat16 --group_size 16 \
+        --max_new_tokens 512 --num_minibatches 4                 # GPU: Qwen2.5-0.5B's shape, random weights
 
 One step is what the trainer does: sample G completions of each prompt (`rollout.make_generate_fn`), bring
 the tokens to the host, score them with a cheap host-side reward, compute group advantages, and run the
@@ -12,8 +14,12 @@ compiled update (`grpo.make_update_fn`). The first step also compiles; the figur
 later ones. The LAST line printed is one JSON object with every figure (see `summarize`).
 
 FLOPs are model FLOPs (the useful work, counted by `forward_flops`, `update_flops`, `rollout_flops`), not
-the FLOPs the implementation happens to execute; MFU is model FLOP/s over `peak_gflops`, the float32 rate
-of one large square matmul measured in the same process.
+the FLOPs the implementation happens to execute; MFU is model FLOP/s over `peak_gflops`, the rate of one
+large square matmul in the run's dtype measured in the same process. Decoding is bound by memory rather
+than arithmetic, so the rollout is also held against bandwidth: `rollout_bytes` counts the fewest bytes it
+must read (every weight once per decode step, and the live part of the KV cache), and `peak_bandwidth_gbs`
+is a large copy's rate measured in the same process; `rollout_roofline_tokens_per_s` is the rate at which
+the slower of the two ceilings would be met.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from grpo_jax.grpo import GRPOConfig, TrainBatch, TrainState, group_advantages, make_update_fn
+from grpo_jax.metrics import pyplot
 from grpo_jax.models import ModelConfig, Transformer, load_pretrained
 from grpo_jax.optim import OptimizerConfig, make_optimizer
 from grpo_jax import rollout
@@ -49,11 +56,17 @@ from grpo_jax.sharding import (
 
 # The peers' tiny Qwen2 (shared/peers/README.md): 3,035,392 parameters.
 PEER_MODEL = "vocab=512,hidden=256,ffn=688,layers=4,heads=4,kv_heads=2"
+# Named shapes for --random_model. Qwen2.5-0.5B's shape (494 M parameters) is the GPU workload.
+NAMED_RANDOM_MODELS = {
+    "peer": PEER_MODEL,
+    "qwen2.5-0.5b": "vocab=151936,hidden=896,ffn=4864,layers=24,heads=14,kv_heads=2",
+}
 _RANDOM_MODEL_KEYS = ("vocab", "hidden", "ffn", "layers", "heads", "kv_heads")
 RANDOM_EOS_ID = 1  # the peer tokenizer's <|endoftext|>
 REQUIRED_KEYS = (
     "step_time_s", "rollout_tokens_per_s", "rollout_time_s", "update_time_s", "compile_s", "recompiles",
     "peak_rss_mb", "peak_gflops", "update_gflops", "rollout_gflops", "update_mfu", "rollout_mfu", "machine",
+    "peak_bandwidth_gbs", "rollout_bandwidth_gbs", "rollout_roofline_tokens_per_s",
 )
 
 
@@ -67,6 +80,7 @@ class Workload:
     max_new_tokens: int
     beta: float
     num_iterations: int = 1
+    num_minibatches: int = 1  # optimizer steps per pass: bounds the update's activation memory, not its FLOPs
 
     @property
     def rows(self) -> int:
@@ -127,21 +141,43 @@ def rollout_flops(c: ModelConfig, w: Workload, new_tokens: int | None = None) ->
     return prefill + decode
 
 
+def rollout_bytes(c: ModelConfig, w: Workload, bytes_per_value: int, new_tokens: int | None = None) -> int:
+    """The fewest bytes one rollout must read from memory: every weight once for the prefill and once per
+    decode step (the tied embedding as the LM head), plus each step's live cache (keys and values of the
+    prompt_len + t + 1 slots that exist at token t, for every row and layer). Writes (one cache slot per
+    step) and activations are smaller by orders of magnitude at these shapes and left out."""
+    n = w.max_new_tokens if new_tokens is None else new_tokens
+    weights = (n + 1) * c.num_params * bytes_per_value
+    per_slot = 2 * c.num_layers * c.num_kv_heads * c.head_dim * bytes_per_value
+    return weights + w.rows * (n * w.prompt_len + causal_pairs(n)) * per_slot
+
+
 # ---------------------------------------------------------------------------------------------- machine
 
 
-def measure_peak_gflops(size: int = 2048, repeats: int = 5) -> float:
-    """float32 GFLOP/s of one jitted [size, size] @ [size, size] matmul, best of `repeats` (after a warm-up)."""
-    keys = jax.random.split(jax.random.key(0), 2)
-    a, b = (jax.random.normal(k, (size, size), jnp.float32) for k in keys)
-    matmul = jax.jit(jnp.matmul)
-    matmul(a, b).block_until_ready()
+def _best_time(fn, *args, repeats: int) -> float:
+    """Seconds of the fastest of `repeats` calls of a jitted `fn` (after a warm-up call)."""
+    fn(*args).block_until_ready()
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        matmul(a, b).block_until_ready()
+        fn(*args).block_until_ready()
         best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best / 1e9
+    return best
+
+
+def measure_peak_gflops(size: int = 2048, dtype=jnp.float32, repeats: int = 5) -> float:
+    """GFLOP/s of one jitted [size, size] @ [size, size] matmul in `dtype` (random data), best of `repeats`."""
+    keys = jax.random.split(jax.random.key(0), 2)
+    a, b = (jax.random.normal(k, (size, size), dtype) for k in keys)
+    return 2 * size**3 / _best_time(jax.jit(jnp.matmul), a, b, repeats=repeats) / 1e9
+
+
+def measure_bandwidth_gbs(megabytes: int = 256, repeats: int = 5) -> float:
+    """Memory bandwidth in GB/s of a jitted elementwise pass over a float32 array of `megabytes`, counting
+    the bytes read plus the bytes written, best of `repeats`."""
+    x = jax.random.normal(jax.random.key(1), (megabytes * 2**18,), jnp.float32)
+    return 2 * x.nbytes / _best_time(jax.jit(lambda a: a * 2.0), x, repeats=repeats) / 1e9
 
 
 def cpu_name() -> str:
@@ -172,17 +208,27 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def device_peak_memory_mb() -> float | None:
+    """The accelerator's peak allocated memory (None where the backend keeps no such statistic, as on CPU)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats["peak_bytes_in_use"] / 2**20 if "peak_bytes_in_use" in stats else None
+
+
 # ---------------------------------------------------------------------------------------------- setup
 
 
 def parse_random_model(spec: str) -> ModelConfig:
-    """`"vocab=512,hidden=256,ffn=688,layers=4,heads=4,kv_heads=2"` -> a tied Qwen2 config."""
+    """`"vocab=512,hidden=256,ffn=688,layers=4,heads=4,kv_heads=2"` or a name of NAMED_RANDOM_MODELS -> a tied
+    Qwen2 config."""
+    spec = NAMED_RANDOM_MODELS.get(spec, spec)
     try:
         sizes = {k.strip(): int(v) for k, v in (item.split("=") for item in spec.split(","))}
     except ValueError:
-        raise ValueError(f"bad --random_model {spec!r}: expected {PEER_MODEL}") from None
+        raise ValueError(f"bad --random_model {spec!r}: expected {PEER_MODEL} or one of "
+                         f"{', '.join(NAMED_RANDOM_MODELS)}") from None
     if sorted(sizes) != sorted(_RANDOM_MODEL_KEYS):
-        raise ValueError(f"bad --random_model {spec!r}: give exactly the keys {', '.join(_RANDOM_MODEL_KEYS)}")
+        raise ValueError(f"bad --random_model {spec!r}: give exactly the keys {', '.join(_RANDOM_MODEL_KEYS)} "
+                         f"(or a name: {', '.join(NAMED_RANDOM_MODELS)})")
     return ModelConfig(
         model_type="qwen2", vocab_size=sizes["vocab"], hidden_size=sizes["hidden"], intermediate_size=sizes["ffn"],
         num_layers=sizes["layers"], num_heads=sizes["heads"], num_kv_heads=sizes["kv_heads"], attention_bias=True,
@@ -193,9 +239,11 @@ def parse_random_model(spec: str) -> ModelConfig:
 def load_model(args) -> tuple[Transformer, dict]:
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     if args.model:
-        return load_pretrained(args.model, dtype=dtype)
-    model = Transformer(parse_random_model(args.random_model), dtype)
-    return model, model.init(jax.random.key(args.seed), std=0.02)
+        model, params = load_pretrained(args.model, dtype=dtype)
+    else:
+        model = Transformer(parse_random_model(args.random_model), dtype)
+        params = model.init(jax.random.key(args.seed), std=0.02)
+    return dataclasses.replace(model, remat=args.remat), params
 
 
 def random_prompts(rng: np.random.Generator, w: Workload, vocab: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -234,7 +282,7 @@ class GRPOStep:
         )
         self.generate = rollout.make_generate_fn(model, sampling)
         optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-5))
-        grpo = GRPOConfig(beta=w.beta, num_iterations=w.num_iterations)
+        grpo = GRPOConfig(beta=w.beta, num_iterations=w.num_iterations, num_minibatches=w.num_minibatches)
         shardings = param_shardings(model, self.mesh)
         params = shard_params(params, shardings)
         replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
@@ -315,8 +363,9 @@ def trace_counts(step: GRPOStep) -> dict:
 
 
 def summarize(records: list[dict], traces: list[dict], memory: dict, c: ModelConfig, w: Workload, peak: float,
-              args) -> dict:
-    """The figures: medians over steps 2.., compile overhead of step 1, FLOP rates and MFU."""
+              bandwidth: float, args) -> dict:
+    """The figures: medians over steps 2.., compile overhead of step 1, FLOP rates and MFU, and the
+    rollout against both of its ceilings (matmul peak, memory bandwidth)."""
     later = records[1:] or records
 
     def median(name):
@@ -324,7 +373,10 @@ def summarize(records: list[dict], traces: list[dict], memory: dict, c: ModelCon
 
     step_s, rollout_s, update_s = median("step_s"), median("rollout_s"), median("update_s")
     tokens = statistics.median(r["generated_tokens"] for r in later)
-    rollout_gflops = rollout_flops(c, w, round(tokens / w.rows)) / rollout_s / 1e9
+    new_tokens = round(tokens / w.rows)
+    rollout_gflops = rollout_flops(c, w, new_tokens) / rollout_s / 1e9
+    rollout_gbytes = rollout_bytes(c, w, jnp.dtype(args.dtype).itemsize, new_tokens) / 1e9
+    rollout_floor_s = max(rollout_gbytes / bandwidth, rollout_flops(c, w, new_tokens) / 1e9 / peak)
     update_gflops = update_flops(c, w) / update_s / 1e9
     recompiles = {k: traces[-1][k] - traces[0][k] for k in traces[0]}
     return {
@@ -345,6 +397,13 @@ def summarize(records: list[dict], traces: list[dict], memory: dict, c: ModelCon
         "rollout_gflops": rollout_gflops,
         "update_mfu": update_gflops / peak,
         "rollout_mfu": rollout_gflops / peak,
+        "peak_dtype": args.dtype,
+        "peak_bandwidth_gbs": bandwidth,
+        "rollout_gbytes": rollout_gbytes,
+        "rollout_bandwidth_gbs": rollout_gbytes / rollout_s,
+        "rollout_bandwidth_util": rollout_gbytes / rollout_s / bandwidth,
+        "rollout_roofline_tokens_per_s": tokens / rollout_floor_s,
+        "device_peak_memory_mb": device_peak_memory_mb(),
         "update_gflop_per_step": update_flops(c, w) / 1e9,
         "rollout_gflop_per_step": rollout_flops(c, w) / 1e9,
         "step_times_s": [round(r["step_s"], 4) for r in records],
@@ -352,7 +411,7 @@ def summarize(records: list[dict], traces: list[dict], memory: dict, c: ModelCon
         "update_times_s": [round(r["update_s"], 4) for r in records],
         "final_loss": records[-1]["loss"],
         "workload": dict(dataclasses.asdict(w), min_new_tokens=args.min_new_tokens, dtype=args.dtype, mesh=args.mesh,
-                         generated_tokens_per_step=tokens),
+                         remat=args.remat, generated_tokens_per_step=tokens),
         "model": {"path": args.model or f"random qwen2 ({args.random_model})", "params": c.num_params},
         "machine": machine_info(),
     }
@@ -364,8 +423,9 @@ def run(args) -> dict:
     if args.prompt_len + args.max_new_tokens > c.max_position_embeddings:
         print(f"note: prompt_len + max_new_tokens = {args.prompt_len + args.max_new_tokens} exceeds the model's "
               f"{c.max_position_embeddings} positions; timing it anyway (RoPE has no hard limit)")
-    w = Workload(args.num_prompts, args.group_size, args.prompt_len, args.max_new_tokens, args.beta, args.num_iterations)
-    peak = measure_peak_gflops(args.peak_size)
+    w = Workload(args.num_prompts, args.group_size, args.prompt_len, args.max_new_tokens, args.beta,
+                 args.num_iterations, args.num_minibatches)
+    peak = measure_peak_gflops(args.peak_size, model.dtype)
     step = GRPOStep(model, params, w, args)
     records, traces = [], []
     for i in range(args.steps):
@@ -373,10 +433,11 @@ def run(args) -> dict:
         traces.append(trace_counts(step))
         print(f"step {i}: " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
                                       for k, v in records[-1].items()), flush=True)
-    rss = peak_rss_mb()  # before the extra compiles of memory_breakdown
+    rss = peak_rss_mb()  # before the extra compiles of memory_breakdown and the bandwidth probe's buffers
     memory = step.memory_breakdown(args.steps) if args.memory_analysis else {}
     memory["kv_cache"] = kv_cache_mb(c, w, jnp.dtype(model.dtype).itemsize)
-    return dict(summarize(records, traces, memory, c, w, peak, args), peak_rss_mb=rss)
+    bandwidth = measure_bandwidth_gbs(args.bandwidth_mb)
+    return dict(summarize(records, traces, memory, c, w, peak, bandwidth, args), peak_rss_mb=rss)
 
 
 # ---------------------------------------------------------------------------------------------- sweep
@@ -394,7 +455,8 @@ def sweep(args) -> dict:
     for flag, values in parse_sweep_values(args.sweep_values).items():
         for value in values:
             command = [sys.executable, os.path.abspath(__file__), f"--{flag}", str(value), "--steps",
-                       str(args.steps), "--peak_size", str(args.peak_size), "--no-memory_analysis"]
+                       str(args.steps), "--peak_size", str(args.peak_size), "--bandwidth_mb", str(args.bandwidth_mb),
+                       "--no-memory_analysis"]
             if flag == "max_new_tokens":
                 command += ["--min_new_tokens", str(value)]
             if args.model:
@@ -420,10 +482,7 @@ def parse_sweep_values(text: str | None) -> dict[str, tuple[int, ...]]:
 
 
 def write_sweep_report(results: dict, out_dir: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     os.makedirs(out_dir, exist_ok=True)
     for flag, points in results.items():
@@ -456,7 +515,8 @@ def write_sweep_report(results: dict, out_dir: str) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="HF checkpoint dir or .gguf (default: a random --random_model)")
-    p.add_argument("--random_model", default=PEER_MODEL, help="shape of the random tied Qwen2 used without --model")
+    p.add_argument("--random_model", default=PEER_MODEL,
+                   help=f"shape of the random tied Qwen2 used without --model, or a name: {', '.join(NAMED_RANDOM_MODELS)}")
     p.add_argument("--num_prompts", type=int, default=8)
     p.add_argument("--group_size", type=int, default=8)
     p.add_argument("--prompt_len", type=int, default=8, help="padded prompt width (the peer's prompts are 7 tokens)")
@@ -465,11 +525,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="EOS is suppressed before this many tokens (default max_new_tokens: fixed-length completions)")
     p.add_argument("--beta", type=float, default=0.04)
     p.add_argument("--num_iterations", type=int, default=1, help="mu: passes over each generation batch")
+    p.add_argument("--num_minibatches", type=int, default=1,
+                   help="optimizer steps per pass (the rows are split; bounds the update's activation memory)")
     p.add_argument("--steps", type=int, default=6, help="GRPO steps; the first compiles and is left out of medians")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--mesh", default="data=-1", help="e.g. data=-1 or fsdp=2,tensor=2")
+    p.add_argument("--remat", action=argparse.BooleanOptionalAction, default=False,
+                   help="recompute attention and elementwise work in the backward (Transformer.remat)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--peak_size", type=int, default=2048, help="side of the square matmul that measures peak_gflops")
+    p.add_argument("--peak_size", type=int, default=None,
+                   help="side of the square matmul that measures peak_gflops (default 2048 on CPU, 8192 on accelerators)")
+    p.add_argument("--bandwidth_mb", type=int, default=256, help="size of the array whose copy measures peak_bandwidth_gbs")
     p.add_argument("--memory_analysis", action=argparse.BooleanOptionalAction, default=True,
                    help="after timing, compile both programs once more to report XLA's planned memory")
     p.add_argument("--sweep", metavar="OUT_DIR", default=None,
@@ -479,7 +545,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.min_new_tokens is None:
         args.min_new_tokens = args.max_new_tokens
-    for name in ("num_prompts", "group_size", "prompt_len", "max_new_tokens", "steps", "num_iterations", "peak_size"):
+    if args.peak_size is None:
+        args.peak_size = 2048 if jax.default_backend() == "cpu" else 8192
+    for name in ("num_prompts", "group_size", "prompt_len", "max_new_tokens", "steps", "num_iterations",
+                 "num_minibatches", "peak_size", "bandwidth_mb"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.group_size < 2:
@@ -488,6 +557,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--min_new_tokens must be in [0, --max_new_tokens={args.max_new_tokens}], got {args.min_new_tokens}")
     if args.beta < 0:
         p.error(f"--beta must be >= 0, got {args.beta}")
+    if (args.num_prompts * args.group_size) % args.num_minibatches:
+        p.error(f"--num_minibatches {args.num_minibatches} must divide the {args.num_prompts * args.group_size} rows "
+                f"(num_prompts x group_size)")
     try:
         parse_sweep_values(args.sweep_values)
     except ValueError as e:

@@ -41,12 +41,13 @@ PRESETS = {
     "tpu-qwen2.5-0.5b": dict(
         base=None, task="gsm8k", template="r1zero", steps=500, prompts_per_step=64, group_size=16,
         max_new_tokens=512, max_prompt_len=256, temperature=1.0, learning_rate=1e-6, beta=0.04, warmup_steps=20,
-        num_eval=500, eval_samples=4, eval_max_new_tokens=1024, save_every=50, dtype="bfloat16", mesh="data=1,fsdp=-1",
+        num_eval=500, eval_samples=4, eval_max_new_tokens=1024, save_every=50, dtype="bfloat16", remat=True,
+        mesh="data=1,fsdp=-1",
     ),
     "tpu-qwen2.5-7b": dict(
         base=None, task="gsm8k", template="r1zero", steps=500, prompts_per_step=128, group_size=16,
         max_new_tokens=1024, max_prompt_len=256, temperature=1.0, learning_rate=1e-6, beta=0.04, warmup_steps=20,
-        num_eval=500, eval_samples=4, eval_max_new_tokens=1024, save_every=25, dtype="bfloat16",
+        num_eval=500, eval_samples=4, eval_max_new_tokens=1024, save_every=25, dtype="bfloat16", remat=True,
         mesh="data=1,fsdp=-1,tensor=4",
     ),
 }
@@ -90,6 +91,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num_eval", type=int, help="held-out problems to evaluate on")
     p.add_argument("--eval_samples", type=int, help="k samples per problem for pass@1 / cons@k")
     p.add_argument("--dtype", help="float32 | bfloat16")
+    p.add_argument("--remat", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute attention in the backward: far less activation memory on long completions "
+                        "(the TPU presets turn it on)")
     p.add_argument("--mesh", help="device mesh, e.g. data=2,fsdp=2,tensor=2 (-1 fills the rest)")
     p.add_argument("--coordinator", help="HOST:PORT of process 0, for multi-process runs off TPU")
     p.add_argument("--num_processes", type=int, help="processes in a multi-process run")
@@ -152,6 +156,7 @@ def build_config(args: argparse.Namespace):
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         dtype=pick("dtype") or "float32",
+        remat=bool(pick("remat")),
         mesh=pick("mesh") or "data=-1",
         grpo=GRPOConfig(
             loss_type=args.loss_type, beta=pick("beta"), epsilon_low=args.epsilon_low, epsilon_high=args.epsilon_high,

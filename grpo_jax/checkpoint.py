@@ -21,6 +21,7 @@ process 0 writes the JSON metadata.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -140,6 +141,18 @@ def install_sigterm_handler(callback: Callable[[], None], exit_code: int | None 
             sys.exit(exit_code)
 
     return signal.signal(signal.SIGTERM, handler)
+
+
+@contextlib.contextmanager
+def sigterm_caught(callback: Callable[[], None]):
+    """Within the block, SIGTERM runs `callback` and the process goes on (a training loop checks the flag the
+    callback sets, then saves); after the block the previous handler is back, so a later stage or the
+    caller's own code is not left with a stale callback."""
+    previous = install_sigterm_handler(callback, exit_code=None)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _json_ready(metadata: dict) -> dict:

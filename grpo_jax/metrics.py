@@ -72,12 +72,19 @@ def read_metrics(path: str) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def plot_metrics(metrics_path: str, out_png: str, panels=PLOT_PANELS) -> str:
-    """A grid of the training curves (reward, accuracy, format, length, KL, loss) as one PNG."""
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display), imported on first use."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_metrics(metrics_path: str, out_png: str, panels=PLOT_PANELS) -> str:
+    """A grid of the training curves (reward, accuracy, format, length, KL, loss) as one PNG."""
+    plt = pyplot()
 
     records = read_metrics(metrics_path)
     panels = [(key, title) for key, title in panels if any(r.get(key) is not None for r in records)]
@@ -111,10 +118,7 @@ def _smooth(values, window: int = 10):
 
 def plot_comparison(results: dict[str, dict], keys, out_png: str, title: str = "") -> str:
     """Grouped bars: one group per metric in `keys`, one bar per model in `results` ({name: metrics})."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = list(results)
     width = 0.8 / len(names)

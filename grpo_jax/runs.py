@@ -10,6 +10,7 @@ a Hugging Face checkpoint with its tokenizer. The next stage starts from that ex
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -40,9 +41,10 @@ def resolve_init(path: str | os.PathLike) -> str:
     return path
 
 
-def load_policy(model: str | os.PathLike, dtype: str = "float32"):
+def load_policy(model: str | os.PathLike, dtype: str = "float32", remat: bool = False):
     """(path, model, params, tokenizer) a stage starts from: `resolve_init(model)` loaded in `dtype`
-    ("float32" or "bfloat16"), with its tokenizer checked against the model's vocabulary."""
+    ("float32" or "bfloat16"), with its tokenizer checked against the model's vocabulary; `remat` sets
+    `Transformer.remat` (less activation memory in training's backward, same numbers)."""
     from grpo_jax.models import load_pretrained, load_tokenizer
 
     path = resolve_init(model)
@@ -53,7 +55,7 @@ def load_policy(model: str | os.PathLike, dtype: str = "float32"):
             f"tokenizer of {path} has {len(tokenizer)} tokens but the model's vocabulary is "
             f"{transformer.config.vocab_size}: they do not belong together"
         )
-    return path, transformer, params, tokenizer
+    return path, dataclasses.replace(transformer, remat=remat), params, tokenizer
 
 
 def prepare_output_dir(output_dir: str, config: dict, *, overwrite: bool, resumable: Sequence[str] = ()) -> None:

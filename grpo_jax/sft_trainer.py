@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 
 
-from grpo_jax.checkpoint import Checkpointer, install_sigterm_handler
+from grpo_jax.checkpoint import Checkpointer, sigterm_caught
 from grpo_jax.data import render_prompt
 from grpo_jax.metrics import MetricsWriter, plot_metrics
 from grpo_jax.rejection import read_traces
@@ -28,7 +28,7 @@ from grpo_jax.text import bucket_length
 
 SFT_PLOT_PANELS = (("loss", "loss (completion tokens)"), ("learning_rate", "learning rate"), ("grad_norm", "grad norm"))
 # May change between a run and its resumption.
-_RESUMABLE_FIELDS = ("save_every", "overwrite", "log_every")
+_RESUMABLE_FIELDS = ("save_every", "overwrite", "log_every", "remat")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +54,7 @@ class SFTRunConfig:
     end_lr_ratio: float = 0.1
     weight_decay: float = 0.0
     dtype: str = "float32"
+    remat: bool = False  # recompute attention in the backward (Transformer.remat): long sequences on GPU/TPU
     mesh: str = "data=-1"
     seed: int = 0
     save_every: int = 100
@@ -103,7 +104,7 @@ def run_sft(config: SFTRunConfig) -> dict:
     records = read_traces(config.data)
     if not records:
         raise ValueError(f"{config.data} holds no traces: nothing to train on")
-    path, model, params, tokenizer = load_policy(config.model, config.dtype)
+    path, model, params, tokenizer = load_policy(config.model, config.dtype, config.remat)
     token_lists, masks = sft_examples(records, tokenizer, config.template)
     seq_len = config.seq_len or bucket_length(max(len(ids) for ids in token_lists) + 1)
     layout = pack_documents if config.packing else pad_documents
@@ -121,9 +122,9 @@ def run_sft(config: SFTRunConfig) -> dict:
                        resumable=_RESUMABLE_FIELDS)
     writer = MetricsWriter(config.output_dir, enabled=is_main_process())
     preempted = []
-    install_sigterm_handler(lambda: preempted.append(True), exit_code=None)
-    with Checkpointer(os.path.join(config.output_dir, "checkpoints"), save_every=config.save_every,
-                      keep=config.keep_checkpoints) as checkpointer:
+    with sigterm_caught(lambda: preempted.append(True)), Checkpointer(
+        os.path.join(config.output_dir, "checkpoints"), save_every=config.save_every, keep=config.keep_checkpoints
+    ) as checkpointer:
         params, steps = sft_train(model, params, iterate_batches(rows, config.batch_size, seed=config.seed),
                                   sft_config, mesh=mesh, checkpointer=checkpointer, should_stop=lambda: bool(preempted),
                                   metrics_callback=writer.write, progress=is_main_process(), description="SFT")

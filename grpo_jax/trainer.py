@@ -22,7 +22,7 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from grpo_jax import rewards as reward_lib
-from grpo_jax.checkpoint import Checkpointer, abstract_with_shardings, install_sigterm_handler
+from grpo_jax.checkpoint import Checkpointer, abstract_with_shardings, sigterm_caught
 from grpo_jax.data import batch_columns, load_task, render_prompt
 from grpo_jax.evaluate import STOP_STRINGS, EvalConfig, evaluate, tokenizer_eos_ids
 from grpo_jax.grpo import (
@@ -56,7 +56,7 @@ from grpo_jax.sharding import (
 from grpo_jax.text import bucket_length, decode_completions, encode_prompts
 
 # Changing these between a run and its resumption is allowed; any other config change is refused.
-_RESUMABLE_FIELDS = ("steps", "eval_every", "save_every", "overwrite", "eval_before")
+_RESUMABLE_FIELDS = ("steps", "eval_every", "save_every", "overwrite", "eval_before", "remat")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +82,7 @@ class TrainConfig:
     top_p: float = 1.0
     top_k: int = 0
     dtype: str = "float32"
+    remat: bool = False  # recompute attention in the backward (Transformer.remat): long completions on GPU/TPU
     grpo: GRPOConfig = GRPOConfig()
     optim: OptimizerConfig = OptimizerConfig()
     mesh: str = "data=-1"
@@ -337,35 +338,33 @@ class Trainer:
             else:
                 eval_before = self.evaluate()
                 write_json(before_path, eval_before)
-        install_sigterm_handler(self._on_sigterm, exit_code=None)
         consecutive_skips = 0
         bar = tqdm(total=cfg.steps, initial=self.step, desc="GRPO", disable=not is_main_process())
-        while self.step < cfg.steps and not self._preempted:
-            metrics = self.train_step()
-            self.step += 1
-            consecutive_skips = consecutive_skips + 1 if metrics.get("skipped", 0) else 0
-            if consecutive_skips >= cfg.max_consecutive_skips:
-                self.checkpointer.wait()
-                raise FloatingPointError(
-                    f"{consecutive_skips} updates in a row had a non-finite loss or gradient (step {self.step}): lower "
-                    "the learning rate or check the model/data; checkpoints so far are intact"
-                )
-            if cfg.ref_refresh_every and self.ref_params is not None and self.step % cfg.ref_refresh_every == 0:
-                self.ref_params = jax.tree.map(jnp.copy, self.state.params)
-            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
-                metrics.update({f"eval/{k}": v for k, v in self.evaluate().items()})
-            self.writer.write(self.step, metrics)
-            self.save()
-            bar.update(1)
-            bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", len=f"{metrics['completion_length/mean']:.0f}")
-        bar.close()
-        if self._preempted:
+        with sigterm_caught(self._on_sigterm):  # training and its last save finish the step they are in
+            while self.step < cfg.steps and not self._preempted:
+                metrics = self.train_step()
+                self.step += 1
+                consecutive_skips = consecutive_skips + 1 if metrics.get("skipped", 0) else 0
+                if consecutive_skips >= cfg.max_consecutive_skips:
+                    self.checkpointer.wait()
+                    raise FloatingPointError(
+                        f"{consecutive_skips} updates in a row had a non-finite loss or gradient (step {self.step}): "
+                        "lower the learning rate or check the model/data; checkpoints so far are intact"
+                    )
+                if cfg.ref_refresh_every and self.ref_params is not None and self.step % cfg.ref_refresh_every == 0:
+                    self.ref_params = jax.tree.map(jnp.copy, self.state.params)
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                    metrics.update({f"eval/{k}": v for k, v in self.evaluate().items()})
+                self.writer.write(self.step, metrics)
+                self.save()
+                bar.update(1)
+                bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", len=f"{metrics['completion_length/mean']:.0f}")
+            bar.close()
             self.save(force=True)
             self.checkpointer.wait()
+        if self._preempted:
             return {"preempted_at_step": self.step}
-        self.save(force=True)
         eval_after = self.evaluate() if self.task.eval else None
-        self.checkpointer.wait()
         self.export(os.path.join(cfg.output_dir, FINAL_DIR))
         summary = {
             "eval_before": eval_before,
@@ -405,7 +404,7 @@ def load_run_inputs(config: TrainConfig):
     """(task, model, params, tokenizer) of a run, with the tokenizer checked against the model."""
     task = load_task(config.task, data_path=config.data, seed=config.seed, num_train=config.num_train,
                      num_eval=config.num_eval, **config.task_options)
-    _, model, params, tokenizer = load_policy(config.model, config.dtype)
+    _, model, params, tokenizer = load_policy(config.model, config.dtype, config.remat)
     return task, model, params, tokenizer
 
 

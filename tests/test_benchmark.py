@@ -55,6 +55,23 @@ def test_causal_and_decode_pair_counts_by_brute_force():
     assert benchmark.rollout_flops(config, w) == expected
 
 
+def test_rollout_bytes_by_brute_force():
+    """Every weight once for the prefill and once per decode step, plus the live cache slots of each step."""
+    config = benchmark.parse_random_model(TINY)
+    w = benchmark.Workload(num_prompts=2, group_size=3, prompt_len=4, max_new_tokens=5, beta=0.0)
+    bytes_per_value = 2
+    per_slot = config.num_layers * 2 * config.num_kv_heads * config.head_dim * bytes_per_value  # keys + values
+    expected = (w.max_new_tokens + 1) * config.num_params * bytes_per_value
+    expected += sum(w.rows * (w.prompt_len + t + 1) * per_slot for t in range(w.max_new_tokens))
+    assert benchmark.rollout_bytes(config, w, bytes_per_value) == expected
+
+
+def test_named_random_model_is_qwen2_5_0_5b_shaped():
+    config = benchmark.parse_random_model("qwen2.5-0.5b")
+    assert config.num_params == 494_032_768  # Qwen/Qwen2.5-0.5B's parameter count (tied embeddings)
+    assert (config.head_dim, config.num_kv_heads) == (64, 2)
+
+
 @pytest.mark.parametrize("beta, mu, passes", [(0.0, 1, 3), (0.04, 1, 4), (0.04, 2, 8)])
 def test_update_flops_count_forward_passes(beta, mu, passes):
     """mu x (forward + 2x backward), + reference forward if beta > 0, + pi_old forward if mu > 1."""
@@ -67,15 +84,18 @@ def test_update_flops_count_forward_passes(beta, mu, passes):
 def test_two_step_smoke_run_ends_with_json_report(capsys):
     benchmark.main([
         "--random_model", TINY, "--num_prompts", "8", "--group_size", "2", "--prompt_len", "4",
-        "--max_new_tokens", "4", "--steps", "2", "--peak_size", "64",
+        "--max_new_tokens", "4", "--steps", "2", "--peak_size", "64", "--bandwidth_mb", "4",
+        "--num_minibatches", "2", "--remat",
     ])
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(benchmark.REQUIRED_KEYS) <= set(report)
     assert report["recompiles"] == 0
     assert report["workload"]["generated_tokens_per_step"] == 8 * 2 * 4  # EOS suppressed: fixed length
     assert len(report["step_times_s"]) == 2
-    for key in ("step_time_s", "rollout_tokens_per_s", "peak_rss_mb", "peak_gflops", "update_gflops", "rollout_gflops"):
+    for key in ("step_time_s", "rollout_tokens_per_s", "peak_rss_mb", "peak_gflops", "update_gflops", "rollout_gflops",
+                "peak_bandwidth_gbs", "rollout_bandwidth_gbs", "rollout_roofline_tokens_per_s"):
         assert report[key] > 0, key
+    assert report["workload"]["num_minibatches"] == 2 and report["workload"]["remat"] is True
     assert report["machine"]["cpu_count"] >= 1 and report["machine"]["jax"] == jax.__version__
 
 
@@ -83,3 +103,6 @@ def test_bad_random_model_is_one_clear_error(capsys):
     with pytest.raises(SystemExit):
         benchmark.parse_args(["--random_model", "vocab=64,hidden=32"])
     assert "give exactly the keys" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--num_prompts", "3", "--group_size", "2", "--num_minibatches", "4"])
+    assert "must divide the 6 rows" in capsys.readouterr().err

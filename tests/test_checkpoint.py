@@ -15,7 +15,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from grpo_jax.checkpoint import Checkpointer, CheckpointError, abstract_with_shardings, install_sigterm_handler
+from grpo_jax.checkpoint import Checkpointer, CheckpointError, abstract_with_shardings, sigterm_caught
 from grpo_jax.models import ModelConfig, Transformer
 from grpo_jax.sharding import MeshConfig, make_mesh, opt_state_shardings, param_shardings
 
@@ -219,11 +219,14 @@ def test_sigterm_saves_the_current_step(tmp_path):
     assert metadata == {"preempted": True}
 
 
-def test_sigterm_handler_without_exit_returns_previous_handler():
+def test_sigterm_caught_runs_the_callback_then_restores_the_previous_handler():
     calls = []
-    previous = install_sigterm_handler(lambda: calls.append("saved"), exit_code=None)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: calls.append("previous"))
     try:
+        with sigterm_caught(lambda: calls.append("saved")):
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert calls == ["saved"]
         os.kill(os.getpid(), signal.SIGTERM)
-        assert calls == ["saved"]
+        assert calls == ["saved", "previous"]
     finally:
         signal.signal(signal.SIGTERM, previous)

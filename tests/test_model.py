@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from grpo_jax.models import ModelConfig, RopeScaling, Transformer, positions_from_mask
+from grpo_jax.models import transformer
 from grpo_jax.models.transformer import attention, causal_attention, dense, rope_inverse_frequencies
 
 SEQ_LEN = 10  # one shape for every forward here, so each family compiles its forward once
@@ -149,3 +150,88 @@ def test_blockwise_causal_attention_equals_full_attention():
     expected = jax.grad(functools.partial(loss, attention), argnums=(0, 1, 2))(q, k, v)
     for got, want in zip(grads, expected):
         np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_remat_keeps_only_the_projections_and_changes_no_number():
+    """`Transformer(remat=True)`: the same loss and gradients, and for the backward it keeps per layer only
+    the projections' outputs (SAVED_UNDER_REMAT), never the [T, T] attention scores or probabilities (the
+    one boolean [B, T, T] mask, shared by all layers, stays)."""
+    from jax._src.ad_checkpoint import saved_residuals
+
+    config = ModelConfig(model_type="qwen2", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+                         num_heads=4, num_kv_heads=2, attention_bias=True)
+    plain = Transformer(config)
+    params = plain.init(jax.random.key(0), std=0.3)
+    ids = jax.random.randint(jax.random.key(1), (2, 24), 0, 64)
+    mask = jnp.arange(24)[None] >= jnp.array([[0], [5]])  # row 1: 5 left pads
+
+    def loss(model):
+        return lambda p: jnp.sum(model.apply(p, ids, attention_mask=mask)[..., 3] * mask)
+
+    def saved_bytes(model):
+        residuals = [aval for aval, origin in saved_residuals(loss(model), params) if "argument" not in origin]
+        scores = [aval for aval in residuals if aval.shape[-2:] == (24, 24) and aval.dtype != jnp.bool_]
+        return sum(math.prod(aval.shape) * aval.dtype.itemsize for aval in residuals), scores
+
+    remat = dataclasses.replace(plain, remat=True)
+    value, grads = jax.value_and_grad(loss(plain))(params)
+    remat_value, remat_grads = jax.value_and_grad(loss(remat))(params)
+    np.testing.assert_allclose(remat_value, value, rtol=1e-6)
+    for got, want in zip(jax.tree.leaves(remat_grads), jax.tree.leaves(grads)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    (plain_bytes, plain_scores), (remat_bytes, remat_scores) = saved_bytes(plain), saved_bytes(remat)
+    assert plain_scores and not remat_scores
+    assert remat_bytes < plain_bytes / 2
+
+
+def _relative_error(got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return np.linalg.norm(got - want) / np.linalg.norm(want)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN's fused attention runs on GPUs only")
+def test_fused_attention_on_gpu_matches_float32_attention(monkeypatch):
+    """bfloat16 cuDNN flash attention against the float32 XLA path: outputs and gradients of the real rows
+    (left pads, grouped-query heads) within bfloat16's rounding, everything finite; then a whole bfloat16
+    model's token log-probs and gradients with and without it."""
+    from grpo_jax.grpo import token_logps
+
+    b, t, hq, hkv, hd = 2, 300, 4, 2, 64
+    keys = jax.random.split(jax.random.key(0), 4)
+    q = jax.random.normal(keys[0], (b, t, hq, hd), jnp.bfloat16)
+    k, v = (jax.random.normal(key, (b, t, hkv, hd), jnp.bfloat16) for key in keys[1:3])
+    real = jnp.arange(t)[None] >= jnp.array([[0], [37]])
+    mask = jnp.tril(jnp.ones((t, t), jnp.bool_))[None] & real[:, None, :]
+    weights = jax.random.normal(keys[3], (b, t, hq * hd)) * real[..., None]
+    assert transformer.fused_attention_supported(q)
+
+    def loss(fn, dtype, q, k, v):
+        return jnp.sum(fn(q.astype(dtype), k.astype(dtype), v.astype(dtype), mask).astype(jnp.float32) * weights)
+
+    fused = jax.jit(transformer.fused_causal_attention)(q, k, v, mask)
+    reference = attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), mask)
+    assert np.isfinite(np.asarray(fused, np.float32)).all()
+    assert _relative_error(fused[real], reference[real]) < 1e-2
+    got = jax.jit(jax.grad(functools.partial(loss, transformer.fused_causal_attention, jnp.bfloat16), (0, 1, 2)))(q, k, v)
+    want = jax.grad(functools.partial(loss, attention, jnp.float32), (0, 1, 2))(q, k, v)
+    for g, w in zip(got, want):
+        assert np.isfinite(np.asarray(g, np.float32)).all() and _relative_error(g, w) < 2e-2
+
+    config = ModelConfig(model_type="qwen2", vocab_size=128, hidden_size=256, intermediate_size=512, num_layers=2,
+                         num_heads=4, num_kv_heads=2, attention_bias=True)
+    model = Transformer(config, jnp.bfloat16)
+    params = model.init(jax.random.key(1))
+    prompts = jax.random.randint(keys[0], (b, 40), 0, 128)
+    completions = jax.random.randint(keys[1], (b, 260), 0, 128)
+    prompt_mask = jnp.arange(40)[None] >= jnp.array([[0], [11]])
+
+    def value_and_grad():
+        fn = lambda p: jnp.sum(token_logps(model, p, prompts, prompt_mask, completions, jnp.ones_like(completions))[0])
+        return jax.jit(jax.value_and_grad(fn))(params)
+
+    fused_value, fused_grads = value_and_grad()
+    monkeypatch.setattr(transformer, "fused_attention_supported", lambda q: False)
+    xla_value, xla_grads = value_and_grad()
+    assert _relative_error(fused_value, xla_value) < 1e-2
+    for g, w in zip(jax.tree.leaves(fused_grads), jax.tree.leaves(xla_grads)):
+        assert _relative_error(g, w) < 5e-2

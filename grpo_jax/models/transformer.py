@@ -32,6 +32,7 @@ import math
 import flax
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from grpo_jax.models.config import ModelConfig
 
@@ -137,7 +138,10 @@ def causal_attention(q, k, v, mask, block: int = QUERY_BLOCK):
     Query block [s, e) needs only the keys before e: beyond 2 blocks this skips about a third of the
     [T, T] scores (and of their saved copies for the backward), which at T = 520 are the largest
     tensors of the update. Up to 2 blocks it is `attention` itself. Same shapes as `attention`.
+    On a GPU in half precision, cuDNN's flash attention does it instead (`fused_causal_attention`).
     """
+    if fused_attention_supported(q):
+        return fused_causal_attention(q, k, v, mask)
     t = q.shape[1]
     if t <= 2 * block:
         return attention(q, k, v, mask)
@@ -146,6 +150,24 @@ def causal_attention(q, k, v, mask, block: int = QUERY_BLOCK):
         end = min(start + block, t)
         outputs.append(attention(q[:, start:end], k[:, :end], v[:, :end], mask[:, start:end, :end]))
     return jnp.concatenate(outputs, axis=1)
+
+
+def fused_attention_supported(q: jax.Array) -> bool:
+    """Whether cuDNN's fused (flash) attention can take these queries: a GPU, half precision, a head dim
+    that is a multiple of 8 up to 128."""
+    hd = q.shape[-1]
+    return jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and hd % 8 == 0 and hd <= 128
+
+
+def fused_causal_attention(q, k, v, mask):
+    """`causal_attention` through cuDNN's flash attention: the [T, T] scores never reach memory, in the
+    forward or the backward. cuDNN applies the causal mask itself and `mask` for the left pads. Each
+    query also sees its own slot, so that a left-pad query's row is never empty (its output is unused
+    either way, as in `attention`) and the softmax stays finite."""
+    b, t = q.shape[:2]
+    mask = mask | jnp.eye(t, dtype=jnp.bool_)[None]
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], is_causal=True, implementation="cudnn")
+    return out.reshape(b, t, -1)
 
 
 def cached_attention(q, k, v, mask):
@@ -215,12 +237,24 @@ def unstack_layers(params: dict) -> dict:
     return dict(params, layers=tuple(jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(num_layers)))
 
 
+# Activations a rematerialized layer keeps for the backward (see `Transformer.remat`): the outputs of the
+# projections, which are the layer's matmuls. Everything else is recomputed from them.
+SAVED_UNDER_REMAT = ("q", "k", "v", "attention", "residual", "gate", "up")
+
+
 @dataclasses.dataclass(frozen=True)
 class Transformer:
-    """The model function. Hashable, holds no weights: `apply(params, ...)` is pure."""
+    """The model function. Hashable, holds no weights: `apply(params, ...)` is pure.
+
+    remat: in `apply`'s backward, recompute each layer's attention scores and elementwise work instead of
+    keeping them (`jax.checkpoint` saving only SAVED_UNDER_REMAT). Beyond a few hundred tokens the [T, T]
+    scores and their softmax are most of the activation memory, and recomputing them costs one attention
+    forward (a few % of the FLOPs); no matmul of a projection is redone. Same numbers either way.
+    """
 
     config: ModelConfig
     dtype: jnp.dtype = jnp.float32
+    remat: bool = False
 
     # ------------------------------------------------------------------ parameters
 
@@ -311,8 +345,11 @@ class Transformer:
         def layer(x, p):
             h = rms_norm(x, p["attn_norm"], self.config.rms_norm_eps)
             q, k, v = self._qkv(p, h, positions, inv_freq)
-            x = x + dense(causal_attention(q, k, v, mask), p["wo"])
-            return self._mlp(p, x), None
+            x = x + dense(checkpoint_name(causal_attention(q, k, v, mask), "attention"), p["wo"])
+            return self._mlp(p, checkpoint_name(x, "residual")), None
+
+        if self.remat:
+            layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.save_only_these_names(*SAVED_UNDER_REMAT))
 
         # Unrolled on CPU: XLA:CPU then lays out each layer's saved activations for the backward's dots
         # instead of slicing and transposing them out of stacked [L, ...] buffers (docs/benchmarks.md);
@@ -377,6 +414,7 @@ class Transformer:
         q, k, v = dense(h, p["wq"]), dense(h, p["wk"]), dense(h, p["wv"])
         if c.attention_bias:
             q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
+        q, k, v = checkpoint_name(q, "q"), checkpoint_name(k, "k"), checkpoint_name(v, "v")
         q = q.reshape(b, t, c.num_heads, c.head_dim)
         k = k.reshape(b, t, c.num_kv_heads, c.head_dim)
         v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
@@ -387,7 +425,8 @@ class Transformer:
 
     def _mlp(self, p, x):
         h = rms_norm(x, p["mlp_norm"], self.config.rms_norm_eps)
-        return x + dense(jax.nn.silu(dense(h, p["w_gate"])) * dense(h, p["w_up"]), p["w_down"])
+        gate, up = checkpoint_name(dense(h, p["w_gate"]), "gate"), checkpoint_name(dense(h, p["w_up"]), "up")
+        return x + dense(jax.nn.silu(gate) * up, p["w_down"])
 
 
 def _write_slots(buffer: jax.Array, values: jax.Array, start: jax.Array) -> jax.Array:
