@@ -442,11 +442,31 @@ def run(args) -> dict:
 
 # ---------------------------------------------------------------------------------------------- sweep
 
-SWEEPS = {  # flag -> values; every other flag stays at its default
+SWEEPS = {  # flag -> values; every other flag keeps the sweep command's value
     "group_size": (2, 4, 8, 16, 32),
     "max_new_tokens": (32, 64, 128, 256, 512),
     "num_prompts": (2, 4, 8, 16, 32),
 }
+# What each point of a sweep inherits from the sweep's own command line (the swept flag is then overridden).
+SWEEP_INHERITED_FLAGS = (
+    "random_model", "num_prompts", "group_size", "prompt_len", "max_new_tokens", "min_new_tokens", "beta",
+    "num_iterations", "num_minibatches", "steps", "dtype", "mesh", "seed", "peak_size", "bandwidth_mb",
+)
+
+
+def sweep_point_command(args, flag: str, value: int) -> list[str]:
+    """The command line of one sweep point: the sweep's settings with `--flag value` (fixed-length
+    completions when the swept flag is the length), without the memory analysis's extra compiles."""
+    settings = {name: getattr(args, name) for name in SWEEP_INHERITED_FLAGS}
+    settings[flag] = value
+    if flag == "max_new_tokens":
+        settings["min_new_tokens"] = value
+    command = [sys.executable, os.path.abspath(__file__), "--no-memory_analysis", "--remat" if args.remat else "--no-remat"]
+    if args.model:
+        command += ["--model", args.model]
+    for name, setting in settings.items():
+        command += [f"--{name}", str(setting)]
+    return command
 
 
 def sweep(args) -> dict:
@@ -454,13 +474,7 @@ def sweep(args) -> dict:
     results = {}
     for flag, values in parse_sweep_values(args.sweep_values).items():
         for value in values:
-            command = [sys.executable, os.path.abspath(__file__), f"--{flag}", str(value), "--steps",
-                       str(args.steps), "--peak_size", str(args.peak_size), "--bandwidth_mb", str(args.bandwidth_mb),
-                       "--no-memory_analysis"]
-            if flag == "max_new_tokens":
-                command += ["--min_new_tokens", str(value)]
-            if args.model:
-                command += ["--model", args.model]
+            command = sweep_point_command(args, flag, value)
             print("+", " ".join(command[1:]), flush=True)
             lines = subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip().splitlines()
             results.setdefault(flag, []).append((value, json.loads(lines[-1])))

@@ -108,3 +108,14 @@ def test_bad_random_model_is_one_clear_error(capsys):
     with pytest.raises(SystemExit):
         benchmark.parse_args(["--num_prompts", "3", "--group_size", "2", "--num_minibatches", "4"])
     assert "must divide the 6 rows" in capsys.readouterr().err
+
+
+def test_sweep_points_inherit_the_sweep_command_line():
+    args = benchmark.parse_args(["--dtype", "bfloat16", "--remat", "--num_minibatches", "2", "--max_new_tokens", "32"])
+    command = benchmark.sweep_point_command(args, "group_size", 4)
+    flags = dict(zip(command[4::2], command[5::2]))
+    assert flags["--group_size"] == "4" and flags["--dtype"] == "bfloat16" and flags["--num_minibatches"] == "2"
+    assert flags["--min_new_tokens"] == "32" and "--remat" in command and command.count("--group_size") == 1
+    lengths = benchmark.sweep_point_command(args, "max_new_tokens", 128)
+    assert dict(zip(lengths[4::2], lengths[5::2]))["--min_new_tokens"] == "128"
+    benchmark.parse_args(command[2:])  # every point's flags parse
