@@ -249,7 +249,8 @@ class Transformer:
     remat: in `apply`'s backward, recompute each layer's attention scores and elementwise work instead of
     keeping them (`jax.checkpoint` saving only SAVED_UNDER_REMAT). Beyond a few hundred tokens the [T, T]
     scores and their softmax are most of the activation memory, and recomputing them costs one attention
-    forward (a few % of the FLOPs); no matmul of a projection is redone. Same numbers either way.
+    forward (a few % of the FLOPs); no matmul of a projection is redone. Same numbers either way, up to
+    float rounding.
     """
 
     config: ModelConfig
