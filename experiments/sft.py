@@ -34,6 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup_steps", type=int, default=defaults.warmup_steps)
     p.add_argument("--weight_decay", type=float, default=defaults.weight_decay)
     p.add_argument("--dtype", default=defaults.dtype, help="float32 | bfloat16")
+    p.add_argument("--remat", action="store_true", help="recompute attention in the backward: far less activation "
+                   "memory on long sequences")
     p.add_argument("--mesh", default=defaults.mesh, help="device mesh, e.g. data=2,fsdp=2,tensor=2")
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--save_every", type=int, default=defaults.save_every)

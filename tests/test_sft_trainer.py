@@ -127,7 +127,7 @@ def sft_run(tmp_path_factory, teacher_tokenizer):
     save_pretrained(student, student.init(jax.random.key(0)), root / "student", tokenizer=teacher_tokenizer)
     traces = write_traces(str(root / "traces.jsonl"), RECORDS)
     config = SFTRunConfig(model=str(root / "student"), data=traces, output_dir=str(root / "run"), seq_len=64,
-                          batch_size=8, num_steps=4, save_every=2, log_every=1, mesh="data=-1")
+                          batch_size=8, num_steps=4, save_every=2, log_every=1, mesh="data=-1", remat=True)
     return config, run_sft(config)
 
 
