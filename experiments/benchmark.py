@@ -374,9 +374,10 @@ def summarize(records: list[dict], traces: list[dict], memory: dict, c: ModelCon
     step_s, rollout_s, update_s = median("step_s"), median("rollout_s"), median("update_s")
     tokens = statistics.median(r["generated_tokens"] for r in later)
     new_tokens = round(tokens / w.rows)
-    rollout_gflops = rollout_flops(c, w, new_tokens) / rollout_s / 1e9
+    rollout_gflop = rollout_flops(c, w, new_tokens) / 1e9
+    rollout_gflops = rollout_gflop / rollout_s
     rollout_gbytes = rollout_bytes(c, w, jnp.dtype(args.dtype).itemsize, new_tokens) / 1e9
-    rollout_floor_s = max(rollout_gbytes / bandwidth, rollout_flops(c, w, new_tokens) / 1e9 / peak)
+    rollout_floor_s = max(rollout_gbytes / bandwidth, rollout_gflop / peak)
     update_gflops = update_flops(c, w) / update_s / 1e9
     recompiles = {k: traces[-1][k] - traces[0][k] for k in traces[0]}
     return {
@@ -390,7 +391,6 @@ def summarize(records: list[dict], traces: list[dict], memory: dict, c: ModelCon
         "first_step_s": records[0]["step_s"],
         "recompiles": sum(recompiles.values()),
         "recompiles_by_program": recompiles,
-        "peak_rss_mb": peak_rss_mb(),
         "memory_mb": memory,
         "peak_gflops": peak,
         "update_gflops": update_gflops,
@@ -403,7 +403,6 @@ def summarize(records: list[dict], traces: list[dict], memory: dict, c: ModelCon
         "rollout_bandwidth_gbs": rollout_gbytes / rollout_s,
         "rollout_bandwidth_util": rollout_gbytes / rollout_s / bandwidth,
         "rollout_roofline_tokens_per_s": tokens / rollout_floor_s,
-        "device_peak_memory_mb": device_peak_memory_mb(),
         "update_gflop_per_step": update_flops(c, w) / 1e9,
         "rollout_gflop_per_step": rollout_flops(c, w) / 1e9,
         "step_times_s": [round(r["step_s"], 4) for r in records],
@@ -433,11 +432,12 @@ def run(args) -> dict:
         traces.append(trace_counts(step))
         print(f"step {i}: " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
                                       for k, v in records[-1].items()), flush=True)
-    rss = peak_rss_mb()  # before the extra compiles of memory_breakdown and the bandwidth probe's buffers
+    # Peaks of the steps themselves: before the extra compiles of memory_breakdown and the bandwidth probe's buffers.
+    peaks = {"peak_rss_mb": peak_rss_mb(), "device_peak_memory_mb": device_peak_memory_mb()}
     memory = step.memory_breakdown(args.steps) if args.memory_analysis else {}
     memory["kv_cache"] = kv_cache_mb(c, w, jnp.dtype(model.dtype).itemsize)
     bandwidth = measure_bandwidth_gbs(args.bandwidth_mb)
-    return dict(summarize(records, traces, memory, c, w, peak, bandwidth, args), peak_rss_mb=rss)
+    return dict(summarize(records, traces, memory, c, w, peak, bandwidth, args), **peaks)
 
 
 # ---------------------------------------------------------------------------------------------- sweep
@@ -526,23 +526,28 @@ def write_sweep_report(results: dict, out_dir: str) -> None:
 # ---------------------------------------------------------------------------------------------- CLI
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="HF checkpoint dir or .gguf (default: a random --random_model)")
+def add_workload_flags(p: argparse.ArgumentParser, dtype: str = "float32") -> None:
+    """The flags that define a workload; `hf_peer_bench.py` takes the same ones, so both time one workload."""
     p.add_argument("--random_model", default=PEER_MODEL,
                    help=f"shape of the random tied Qwen2 used without --model, or a name: {', '.join(NAMED_RANDOM_MODELS)}")
     p.add_argument("--num_prompts", type=int, default=8)
     p.add_argument("--group_size", type=int, default=8)
     p.add_argument("--prompt_len", type=int, default=8, help="padded prompt width (the peer's prompts are 7 tokens)")
     p.add_argument("--max_new_tokens", type=int, default=64)
-    p.add_argument("--min_new_tokens", type=int, default=None,
-                   help="EOS is suppressed before this many tokens (default max_new_tokens: fixed-length completions)")
     p.add_argument("--beta", type=float, default=0.04)
-    p.add_argument("--num_iterations", type=int, default=1, help="mu: passes over each generation batch")
     p.add_argument("--num_minibatches", type=int, default=1,
                    help="optimizer steps per pass (the rows are split; bounds the update's activation memory)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=dtype)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="HF checkpoint dir or .gguf (default: a random --random_model)")
+    add_workload_flags(p)
+    p.add_argument("--min_new_tokens", type=int, default=None,
+                   help="EOS is suppressed before this many tokens (default max_new_tokens: fixed-length completions)")
+    p.add_argument("--num_iterations", type=int, default=1, help="mu: passes over each generation batch")
     p.add_argument("--steps", type=int, default=6, help="GRPO steps; the first compiles and is left out of medians")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--mesh", default="data=-1", help="e.g. data=-1 or fsdp=2,tensor=2")
     p.add_argument("--remat", action=argparse.BooleanOptionalAction, default=False,
                    help="recompute attention and elementwise work in the backward (Transformer.remat)")

@@ -26,13 +26,13 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from benchmark import (
-    PEER_MODEL, Workload, forward_flops, parse_random_model, random_prompts, rollout_bytes, rollout_flops,
+    Workload, add_workload_flags, forward_flops, parse_random_model, random_prompts, rollout_bytes, rollout_flops,
     update_flops,
 )
+from grpo_jax.models import ModelConfig
 
 
-def hf_model(spec: str, dtype: torch.dtype, device: str) -> Qwen2ForCausalLM:
-    c = parse_random_model(spec)
+def hf_model(c: ModelConfig, dtype: torch.dtype, device: str) -> Qwen2ForCausalLM:
     config = Qwen2Config(
         vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
         num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
@@ -67,22 +67,15 @@ def peak_gflops(dtype: torch.dtype, size: int, repeats: int = 5) -> float:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--random_model", default=PEER_MODEL)
-    p.add_argument("--num_prompts", type=int, default=8)
-    p.add_argument("--group_size", type=int, default=8)
-    p.add_argument("--prompt_len", type=int, default=8)
-    p.add_argument("--max_new_tokens", type=int, default=64)
-    p.add_argument("--num_minibatches", type=int, default=1)
-    p.add_argument("--beta", type=float, default=0.04)
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
+    add_workload_flags(p, dtype="bfloat16")
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions of each part, after one warm-up")
     args = p.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     c = parse_random_model(args.random_model)
     w = Workload(args.num_prompts, args.group_size, args.prompt_len, args.max_new_tokens, args.beta,
                  num_minibatches=args.num_minibatches)
-    model = hf_model(args.random_model, dtype, DEVICE)
-    reference = hf_model(args.random_model, dtype, DEVICE).eval() if args.beta > 0 else None
+    model = hf_model(c, dtype, DEVICE)
+    reference = hf_model(c, dtype, DEVICE).eval() if args.beta > 0 else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)
 
     prompts, prompt_mask = random_prompts(np.random.default_rng(0), w, c.vocab_size, c.pad_token_id)
@@ -118,18 +111,19 @@ def main(argv=None) -> dict:
     update_s = statistics.median([timed(update) for _ in range(args.repeats + 1)][1:])
     peak = peak_gflops(dtype, 8192 if DEVICE == "cuda" else 2048)
     tokens = w.rows * w.max_new_tokens
+    update_gflops = update_flops(c, w) / update_s / 1e9
     result = {
         "rollout_time_s": rollout_s,
         "rollout_tokens_per_s": tokens / rollout_s,
         "rollout_gflops": rollout_flops(c, w) / rollout_s / 1e9,
         "rollout_bandwidth_gbs": rollout_bytes(c, w, dtype.itemsize) / rollout_s / 1e9,
         "update_time_s": update_s,
-        "update_gflops": update_flops(c, w) / update_s / 1e9,
-        "update_mfu": update_flops(c, w) / update_s / 1e9 / peak,
+        "update_gflops": update_gflops,
+        "update_mfu": update_gflops / peak,
         "forward_gflop": forward_flops(c, w.rows, w.prompt_len + w.max_new_tokens, w.max_new_tokens) / 1e9,
         "peak_gflops": peak,
         "peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if DEVICE == "cuda" else None,
-        "workload": {**vars(args)},
+        "workload": vars(args),
         "machine": {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "torch": torch.__version__},
     }
     print(json.dumps(result))

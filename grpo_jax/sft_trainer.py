@@ -16,7 +16,6 @@ import os
 import time
 from collections.abc import Sequence
 
-
 from grpo_jax.checkpoint import Checkpointer, sigterm_caught
 from grpo_jax.data import render_prompt
 from grpo_jax.metrics import MetricsWriter, plot_metrics
