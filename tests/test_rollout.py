@@ -265,6 +265,28 @@ def test_one_compile_per_bucket_and_rows_ignore_the_rest_of_the_batch(tiny_model
     assert rollout.trace_count() - before == 1
 
 
+def test_decode_phases():
+    assert rollout.decode_phases(48) == (48,) and rollout.decode_phases(64) == (64,)
+    assert rollout.decode_phases(10, min_phase=3) == (3, 6, 9, 10)
+    # Steps of 64 until a quarter of the length is more: 320 + 80, 400 + 100, then the rest.
+    assert rollout.decode_phases(512) == (64, 128, 192, 256, 320, 400, 500, 512)
+
+
+@pytest.mark.parametrize("tiny_model", ["qwen2"], indirect=True)
+def test_growing_the_cache_in_phases_changes_no_sample(tiny_model):
+    """Phases of 3 tokens (cache grown three times, rows ending in different phases) against one phase."""
+    model, params = tiny_model
+    prompts, mask = rollout.pad_to_bucket(*left_padded([3, 7, 5], model.config.vocab_size, seed=1))
+    one_phase = SamplingConfig(num_samples=4, max_new_tokens=11, temperature=1.0, eos_ids=(3, 5, 8))
+    outs = [make_generate_fn(model, one_phase, min_phase_tokens=m)(params, prompts, mask, jax.random.key(3))
+            for m in (11, 3)]
+    lengths = np.asarray(outs[0].lengths)
+    assert len(set(np.minimum((lengths - 1) // 3, 3))) >= 3, f"rows should end in several phases: {lengths}"
+    for field in ("tokens", "mask", "lengths"):
+        np.testing.assert_array_equal(np.asarray(getattr(outs[1], field)), np.asarray(getattr(outs[0], field)))
+    np.testing.assert_allclose(np.asarray(outs[1].logps), np.asarray(outs[0].logps), atol=1e-5)  # sums over fewer slots
+
+
 @pytest.mark.parametrize("tiny_model", ["qwen2"], indirect=True)
 def test_sharded_over_a_data_mesh_gives_the_same_rollout(tiny_model):
     model, params = tiny_model
@@ -272,7 +294,7 @@ def test_sharded_over_a_data_mesh_gives_the_same_rollout(tiny_model):
     settings = SamplingConfig(num_samples=3, max_new_tokens=6, temperature=0.8)
     mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     rows, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
-    sharded_fn = make_generate_fn(model, settings, jit_kwargs=dict(
+    sharded_fn = make_generate_fn(model, settings, min_phase_tokens=2, jit_kwargs=dict(  # the cache grows sharded
         in_shardings=(replicated, rows, rows, replicated), out_shardings=rows))
     key = jax.random.key(2)
 

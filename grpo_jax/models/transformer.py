@@ -71,6 +71,20 @@ class KVCache:
             index=self.index,
         )
 
+    def grow(self, slots: int) -> "KVCache":
+        """The same cache with `slots` more (empty, invalid) slots at the end."""
+        def pad(x, axis):
+            widths = [(0, 0)] * x.ndim
+            widths[axis] = (0, slots)
+            return jnp.pad(x, widths)
+
+        return KVCache(
+            k=tuple(pad(x, 2) for x in self.k),
+            v=tuple(pad(x, 2) for x in self.v),
+            valid=pad(self.valid, 1),
+            index=self.index,
+        )
+
 
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     """Position ids for left-padded rows: 0 at the first real token; pads get 0."""
