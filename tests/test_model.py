@@ -144,7 +144,7 @@ def test_blockwise_causal_attention_equals_full_attention():
     def loss(fn, q, k, v):
         return jnp.sum(fn(q, k, v, mask) * weights)
 
-    blockwise = functools.partial(causal_attention, block=block)
+    blockwise = functools.partial(causal_attention, block=block, blocked_beyond=2 * block)
     np.testing.assert_allclose(blockwise(q, k, v, mask)[real], attention(q, k, v, mask)[real], atol=1e-6)
     grads = jax.grad(functools.partial(loss, blockwise), argnums=(0, 1, 2))(q, k, v)
     expected = jax.grad(functools.partial(loss, attention), argnums=(0, 1, 2))(q, k, v)
