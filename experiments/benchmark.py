@@ -81,6 +81,7 @@ class Workload:
     beta: float
     num_iterations: int = 1
     num_minibatches: int = 1  # optimizer steps per pass: bounds the update's activation memory, not its FLOPs
+    num_microbatches: int = 1  # forward/backward passes per optimizer step (gradient accumulation)
 
     @property
     def rows(self) -> int:
@@ -282,7 +283,8 @@ class GRPOStep:
         )
         self.generate = rollout.make_generate_fn(model, sampling)
         optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-5))
-        grpo = GRPOConfig(beta=w.beta, num_iterations=w.num_iterations, num_minibatches=w.num_minibatches)
+        grpo = GRPOConfig(beta=w.beta, num_iterations=w.num_iterations, num_minibatches=w.num_minibatches,
+                          num_microbatches=w.num_microbatches)
         shardings = param_shardings(model, self.mesh)
         params = shard_params(params, shardings)
         replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
@@ -423,7 +425,7 @@ def run(args) -> dict:
         print(f"note: prompt_len + max_new_tokens = {args.prompt_len + args.max_new_tokens} exceeds the model's "
               f"{c.max_position_embeddings} positions; timing it anyway (RoPE has no hard limit)")
     w = Workload(args.num_prompts, args.group_size, args.prompt_len, args.max_new_tokens, args.beta,
-                 args.num_iterations, args.num_minibatches)
+                 args.num_iterations, args.num_minibatches, args.num_microbatches)
     peak = measure_peak_gflops(args.peak_size, model.dtype)
     step = GRPOStep(model, params, w, args)
     records, traces = [], []
@@ -450,7 +452,8 @@ SWEEPS = {  # flag -> values; every other flag keeps the sweep command's value
 # What each point of a sweep inherits from the sweep's own command line (the swept flag is then overridden).
 SWEEP_INHERITED_FLAGS = (
     "random_model", "num_prompts", "group_size", "prompt_len", "max_new_tokens", "min_new_tokens", "beta",
-    "num_iterations", "num_minibatches", "steps", "dtype", "mesh", "seed", "peak_size", "bandwidth_mb",
+    "num_iterations", "num_minibatches", "num_microbatches", "steps", "dtype", "mesh", "seed", "peak_size",
+    "bandwidth_mb",
 )
 
 
@@ -537,6 +540,9 @@ def add_workload_flags(p: argparse.ArgumentParser, dtype: str = "float32") -> No
     p.add_argument("--beta", type=float, default=0.04)
     p.add_argument("--num_minibatches", type=int, default=1,
                    help="optimizer steps per pass (the rows are split; bounds the update's activation memory)")
+    p.add_argument("--num_microbatches", type=int, default=1,
+                   help="forward/backward passes per optimizer step, gradients accumulated (TRL's "
+                        "gradient_accumulation_steps: 8 in the peer's GRPO step)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=dtype)
 
 
@@ -567,7 +573,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.peak_size is None:
         args.peak_size = 2048 if jax.default_backend() == "cpu" else 8192
     for name in ("num_prompts", "group_size", "prompt_len", "max_new_tokens", "steps", "num_iterations",
-                 "num_minibatches", "peak_size", "bandwidth_mb"):
+                 "num_minibatches", "num_microbatches", "peak_size", "bandwidth_mb"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.group_size < 2:
@@ -576,9 +582,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--min_new_tokens must be in [0, --max_new_tokens={args.max_new_tokens}], got {args.min_new_tokens}")
     if args.beta < 0:
         p.error(f"--beta must be >= 0, got {args.beta}")
-    if (args.num_prompts * args.group_size) % args.num_minibatches:
-        p.error(f"--num_minibatches {args.num_minibatches} must divide the {args.num_prompts * args.group_size} rows "
-                f"(num_prompts x group_size)")
+    if (args.num_prompts * args.group_size) % (args.num_minibatches * args.num_microbatches):
+        p.error(f"--num_minibatches x --num_microbatches = {args.num_minibatches} x {args.num_microbatches} must "
+                f"divide the {args.num_prompts * args.group_size} rows (num_prompts x group_size)")
     try:
         parse_sweep_values(args.sweep_values)
     except ValueError as e:

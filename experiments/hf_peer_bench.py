@@ -8,8 +8,8 @@ What TRL's GRPOTrainer runs when it does not use vLLM, in two timed parts:
   * rollout: `model.generate` (transformers' default dynamic KV cache, SDPA attention) samples
     num_prompts x group_size rows of exactly max_new_tokens (EOS suppressed), prompts repeated G times;
   * update: a reference forward without gradients, then per minibatch the policy forward (logits of the
-    completion positions only, as TRL's `logits_to_keep`), the per-token log-probs, backward and a fused AdamW
-    step. The loss is the mean completion log-prob: the GRPO loss' elementwise terms cost nothing next to it.
+    completion positions only, as TRL's `logits_to_keep`), the per-token log-probs and backward, once per
+    micro-batch (gradients accumulated), and a fused AdamW step. The loss is the mean completion log-prob: the GRPO loss' elementwise terms cost nothing next to it.
 FLOP rates use benchmark.py's model-FLOP formulas; `peak_gflops` is a bf16/fp32 matmul measured here.
 The last line printed is one JSON object. Needs torch and transformers (the `test` extra).
 """
@@ -26,7 +26,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from benchmark import (
-    Workload, add_workload_flags, forward_flops, parse_random_model, random_prompts, rollout_bytes, rollout_flops,
+    Workload, add_workload_flags, parse_random_model, random_prompts, rollout_bytes, rollout_flops,
     update_flops,
 )
 from grpo_jax.models import ModelConfig
@@ -73,7 +73,7 @@ def main(argv=None) -> dict:
     dtype = getattr(torch, args.dtype)
     c = parse_random_model(args.random_model)
     w = Workload(args.num_prompts, args.group_size, args.prompt_len, args.max_new_tokens, args.beta,
-                 num_minibatches=args.num_minibatches)
+                 num_minibatches=args.num_minibatches, num_microbatches=args.num_microbatches)
     model = hf_model(c, dtype, DEVICE)
     reference = hf_model(c, dtype, DEVICE).eval() if args.beta > 0 else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)
@@ -96,14 +96,18 @@ def main(argv=None) -> dict:
         return logits.log_softmax(-1).gather(-1, sequences[rows, w.prompt_len:, None]).squeeze(-1)
 
     def update():
-        batches = [slice(i, None, w.num_minibatches) for i in range(w.num_minibatches)]
+        """Per minibatch (an optimizer step) its micro-batches' forward + backward, gradients accumulated."""
+        parts = w.num_minibatches * w.num_microbatches
+        row_ids = torch.arange(w.rows, device=DEVICE)
+        micro = [[row_ids[m + w.num_minibatches * k :: parts] for k in range(w.num_microbatches)]
+                 for m in range(w.num_minibatches)]
         if reference is not None:
             with torch.no_grad():
-                for rows in batches:
+                for rows in (rows for minibatch in micro for rows in minibatch):
                     completion_logps(reference, rows)
-        for rows in batches:
-            loss = -completion_logps(model, rows).mean()
-            loss.backward()
+        for minibatch in micro:
+            for rows in minibatch:
+                (-completion_logps(model, rows).mean() / w.num_microbatches).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
@@ -120,7 +124,6 @@ def main(argv=None) -> dict:
         "update_time_s": update_s,
         "update_gflops": update_gflops,
         "update_mfu": update_gflops / peak,
-        "forward_gflop": forward_flops(c, w.rows, w.prompt_len + w.max_new_tokens, w.max_new_tokens) / 1e9,
         "peak_gflops": peak,
         "peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if DEVICE == "cuda" else None,
         "workload": vars(args),

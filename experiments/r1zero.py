@@ -86,6 +86,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--scale_rewards", default="group", help="group | batch | none (Dr. GRPO)")
     p.add_argument("--num_iterations", type=int, default=1, help="μ: optimizer passes over each generation batch")
     p.add_argument("--num_minibatches", type=int, default=1, help="optimizer steps per pass")
+    p.add_argument("--num_microbatches", type=int, default=1,
+                   help="forward/backward passes per optimizer step, gradients accumulated (less memory, same result)")
     p.add_argument("--dynamic_sampling", action="store_true", help="DAPO: drop groups whose rewards are all equal")
     p.add_argument("--ref_refresh_every", type=int, default=0, help="replace the reference with the policy every N steps")
     p.add_argument("--num_eval", type=int, help="held-out problems to evaluate on")
@@ -160,7 +162,8 @@ def build_config(args: argparse.Namespace):
         mesh=pick("mesh") or "data=-1",
         grpo=GRPOConfig(
             loss_type=args.loss_type, beta=pick("beta"), epsilon_low=args.epsilon_low, epsilon_high=args.epsilon_high,
-            num_iterations=args.num_iterations, num_minibatches=args.num_minibatches, temperature=temperature,
+            num_iterations=args.num_iterations, num_minibatches=args.num_minibatches,
+            num_microbatches=args.num_microbatches, temperature=temperature,
             max_completion_length=max_new_tokens, scale_rewards=args.scale_rewards,
             dynamic_sampling=args.dynamic_sampling,
         ),

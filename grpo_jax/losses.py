@@ -11,6 +11,11 @@ Loss types (the registry `LOSS_TYPES`; per-token objective + how tokens are aver
     dr_grpo  clipped surrogate, token sum / (B * max_completion_length) (Dr. GRPO)
     cispo    stop-gradient clipped importance weight * A * log pi, normalized like dapo (MiniMax-M1)
 
+A loss may see a part of its batch (a micro-batch of gradient accumulation): given the batch's totals
+(`BatchTotals`: its sequences and completion tokens), every aggregation and every token-mean metric is
+normalized by them, so the parts' losses, gradients and metrics add up to the whole batch's exactly.
+(bnpo and dapo then coincide; in TRL they differ only in counting a micro-batch's or the batch's tokens.)
+
 Conventions follow TRL's `GRPOTrainer._compute_loss` (k3 KL, clip-fraction definitions, CISPO's cap,
 GSPO's sequence ratio).
 """
@@ -169,30 +174,38 @@ def _cispo_clip_bounds(epsilon_low, epsilon_high):
 
 
 # ---------------------------------------------------------------------------------------------- aggregation
-# Each maps the per-token loss [B, T] and mask [B, T] to the scalar loss.
 
 
-def sequence_mean(per_token, mask, max_completion_length, num_items_in_batch):
+@dataclasses.dataclass(frozen=True)
+class BatchTotals:
+    """Sequences and completion tokens of the batch a loss is normalized over (when it sees a part of it)."""
+
+    sequences: int | jax.Array
+    tokens: int | jax.Array
+
+    @classmethod
+    def of(cls, mask: jax.Array) -> "BatchTotals":
+        return cls(sequences=mask.shape[0], tokens=mask.sum())
+
+
+# Each maps the per-token loss [B, T], the mask [B, T] and the batch's totals to the scalar loss.
+
+
+def sequence_mean(per_token, mask, max_completion_length, totals: BatchTotals):
     """Mean over sequences of each sequence's token mean (1/|o_i|): DeepSeekMath's GRPO."""
     per_sequence = (per_token * mask).sum(axis=1) / jnp.maximum(mask.sum(axis=1), 1.0)
-    return per_sequence.mean()
+    return per_sequence.sum() / totals.sequences
 
 
-def token_mean(per_token, mask, max_completion_length, num_items_in_batch):
-    """Token mean over the batch (BNPO)."""
-    return (per_token * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+def token_mean(per_token, mask, max_completion_length, totals: BatchTotals):
+    """Token sum / tokens in the batch: BNPO's token mean, DAPO's token-level normalization."""
+    return (per_token * mask).sum() / jnp.maximum(totals.tokens, 1.0)
 
 
-def token_sum_over_generation_tokens(per_token, mask, max_completion_length, num_items_in_batch):
-    """Token sum / tokens in the whole generation batch (DAPO): exact under accumulation and multi-host."""
-    normalizer = mask.sum() if num_items_in_batch is None else num_items_in_batch
-    return (per_token * mask).sum() / jnp.maximum(normalizer, 1.0)
-
-
-def token_sum_over_max_length(per_token, mask, max_completion_length, num_items_in_batch):
+def token_sum_over_max_length(per_token, mask, max_completion_length, totals: BatchTotals):
     """Token sum / (B * max_completion_length): Dr. GRPO's length-unbiased constant normalizer."""
     length = mask.shape[1] if max_completion_length is None else max_completion_length
-    return (per_token * mask).sum() / (mask.shape[0] * length)
+    return (per_token * mask).sum() / (totals.sequences * length)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,9 +220,9 @@ class LossType:
 LOSS_TYPES: dict[str, LossType] = {
     "grpo": LossType(clipped_surrogate, sequence_mean, _ppo_clip_bounds),
     "bnpo": LossType(clipped_surrogate, token_mean, _ppo_clip_bounds),
-    "dapo": LossType(clipped_surrogate, token_sum_over_generation_tokens, _ppo_clip_bounds),
+    "dapo": LossType(clipped_surrogate, token_mean, _ppo_clip_bounds),
     "dr_grpo": LossType(clipped_surrogate, token_sum_over_max_length, _ppo_clip_bounds),
-    "cispo": LossType(cispo_surrogate, token_sum_over_generation_tokens, _cispo_clip_bounds),
+    "cispo": LossType(cispo_surrogate, token_mean, _cispo_clip_bounds),
 }
 
 
@@ -258,29 +271,33 @@ def _check_loss_inputs(logps, old_logps, ref_logps, advantages, mask, entropies,
         )
 
 
-def _masked_mean(x, mask):
-    return (x * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+# How the metrics of a batch's parts (stacked) combine into the batch's; the others (token means) add up.
+PART_METRIC_REDUCTIONS = {"ratio_min": jnp.min, "ratio_max": jnp.max}
 
 
-def _loss_metrics(ratio, advantages, mask, per_token_kl, entropies, clip_bounds) -> dict[str, jax.Array]:
+def _loss_metrics(ratio, advantages, mask, per_token_kl, entropies, clip_bounds, totals) -> dict[str, jax.Array]:
     """Token-weighted monitoring numbers (TRL's definitions of the clip fractions)."""
+
+    def token_mean_of(x):
+        return token_mean(jax.lax.stop_gradient(x), mask, None, totals)
+
     ratio = jax.lax.stop_gradient(jnp.broadcast_to(ratio, mask.shape))
     low, high = clip_bounds
     clipped_low = (ratio < low) & (advantages < 0)
     clipped_high = (ratio > high) & (advantages > 0)
     real = mask > 0
     metrics = {
-        "clip_fraction_low": _masked_mean(clipped_low, mask),
-        "clip_fraction_high": _masked_mean(clipped_high, mask),
-        "clip_fraction": _masked_mean(clipped_low | clipped_high, mask),
-        "ratio_mean": _masked_mean(ratio, mask),
+        "clip_fraction_low": token_mean_of(clipped_low),
+        "clip_fraction_high": token_mean_of(clipped_high),
+        "clip_fraction": token_mean_of(clipped_low | clipped_high),
+        "ratio_mean": token_mean_of(ratio),
         "ratio_min": jnp.min(jnp.where(real, ratio, jnp.inf)),
         "ratio_max": jnp.max(jnp.where(real, ratio, -jnp.inf)),
     }
     if per_token_kl is not None:
-        metrics["kl"] = _masked_mean(jax.lax.stop_gradient(per_token_kl), mask)
+        metrics["kl"] = token_mean_of(per_token_kl)
     if entropies is not None:
-        metrics["entropy"] = _masked_mean(jax.lax.stop_gradient(entropies), mask)
+        metrics["entropy"] = token_mean_of(entropies)
     return metrics
 
 
@@ -298,7 +315,7 @@ def grpo_loss(
     max_completion_length: int | None = None,
     kl_bias_correction: bool = False,
     importance_sampling_level: str = "token",
-    num_items_in_batch: int | jax.Array | None = None,
+    batch_totals: BatchTotals | None = None,
     entropies: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The GRPO-family policy loss and its monitoring metrics.
@@ -308,12 +325,14 @@ def grpo_loss(
     policy-gradient derivative. ref_logps may be None when beta == 0 (the KL metric is then omitted).
     Per token: surrogate(ratio, A) + beta * KL, KL the k3 estimator (times the ratio when
     kl_bias_correction). `loss_type` picks the surrogate and the aggregation (see `LOSS_TYPES`);
-    `max_completion_length` (dr_grpo) defaults to T; `num_items_in_batch` (dapo, cispo) defaults to
-    this batch's token count. Returns (scalar loss, metrics dict of scalars).
+    `max_completion_length` (dr_grpo) defaults to T. `batch_totals` (default: these rows') normalizes the
+    loss and the token-mean metrics when these rows are a part of the batch (see the module docstring).
+    Returns (scalar loss, metrics dict of scalars).
     """
     variant = get_loss_type(loss_type)
     _check_loss_inputs(logps, old_logps, ref_logps, advantages, mask, entropies, beta, importance_sampling_level)
     mask = mask.astype(logps.dtype)
+    totals = BatchTotals.of(mask) if batch_totals is None else batch_totals
     if old_logps is None:
         old_logps = jax.lax.stop_gradient(logps)
     ratio = jnp.exp(log_importance_weights(logps, old_logps, mask, importance_sampling_level))
@@ -326,6 +345,6 @@ def grpo_loss(
     if beta != 0.0:
         per_token = per_token + beta * per_token_kl
 
-    loss = variant.aggregate(per_token, mask, max_completion_length, num_items_in_batch)
+    loss = variant.aggregate(per_token, mask, max_completion_length, totals)
     bounds = variant.clip_bounds(epsilon_low, epsilon_high)
-    return loss, _loss_metrics(ratio, advantages_b1, mask, per_token_kl, entropies, bounds)
+    return loss, _loss_metrics(ratio, advantages_b1, mask, per_token_kl, entropies, bounds, totals)

@@ -62,14 +62,16 @@ def prepare_output_dir(output_dir: str, config: dict, *, overwrite: bool, resuma
     """Write `config` to OUTPUT_DIR/config.json, refusing to mix runs.
 
     An output dir that holds a run with a different config (apart from the `resumable` fields, which
-    may change between a run and its resumption) is an error, or is deleted first with `overwrite`.
+    may change between a run and its resumption; "a.b" names field b of the nested config a) is an
+    error, or is deleted first with `overwrite`.
     """
     path = os.path.join(output_dir, "config.json")
     current = json.loads(json.dumps(config, default=str))
     if os.path.exists(path) and is_main_process():
         with open(path) as f:
-            saved = json.load(f)
-        differs = sorted(k for k in set(saved) | set(current) if k not in resumable and saved.get(k) != current.get(k))
+            saved = _dotted(json.load(f))
+        now = _dotted(current)
+        differs = sorted(k for k in set(saved) | set(now) if k not in resumable and saved.get(k) != now.get(k))
         if differs and not overwrite:
             raise ValueError(
                 f"{output_dir} holds a run with a different config ({', '.join(differs)} differ): pick another "
@@ -81,6 +83,17 @@ def prepare_output_dir(output_dir: str, config: dict, *, overwrite: bool, resuma
         os.makedirs(output_dir, exist_ok=True)
     write_json(path, current)
     multihost_utils.sync_global_devices("output dir ready")
+
+
+def _dotted(config: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}: nested configs compared field by field."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def export_policy(model, params, tokenizer, out_dir: str) -> None:

@@ -56,7 +56,7 @@ from grpo_jax.sharding import (
 from grpo_jax.text import bucket_length, decode_completions, encode_prompts
 
 # Changing these between a run and its resumption is allowed; any other config change is refused.
-_RESUMABLE_FIELDS = ("steps", "eval_every", "save_every", "overwrite", "eval_before", "remat")
+_RESUMABLE_FIELDS = ("steps", "eval_every", "save_every", "overwrite", "eval_before", "remat", "grpo.num_microbatches")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,8 +144,10 @@ class Trainer:
         self.mesh = make_mesh(parse_mesh(cfg.mesh))
         rows = cfg.prompts_per_step * cfg.group_size
         check_batch_divisible(cfg.prompts_per_step, self.mesh, "prompts per step")
-        if rows % cfg.grpo.num_minibatches:
-            raise ValueError(f"{rows} rollouts per step are not divisible by num_minibatches={cfg.grpo.num_minibatches}")
+        parts = cfg.grpo.num_minibatches * cfg.grpo.num_microbatches
+        if rows % parts:
+            raise ValueError(f"{rows} rollouts per step are not divisible by num_minibatches x num_microbatches = "
+                             f"{cfg.grpo.num_minibatches} x {cfg.grpo.num_microbatches}: change either, or the group size")
         self.task, self.model, params, self.tokenizer = load_run_inputs(cfg)
         self.prompt_width = prompt_width(cfg, self.task, self.tokenizer)
         if self.prompt_width + cfg.max_new_tokens > self.model.config.max_position_embeddings:

@@ -87,7 +87,7 @@ def test_two_step_smoke_run_ends_with_json_report(capsys):
     benchmark.main([
         "--random_model", TINY, "--num_prompts", "8", "--group_size", "2", "--prompt_len", "4",
         "--max_new_tokens", "4", "--steps", "2", "--peak_size", "64", "--bandwidth_mb", "4",
-        "--num_minibatches", "2", "--remat",
+        "--num_minibatches", "2", "--num_microbatches", "2", "--remat",
     ])
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(benchmark.REQUIRED_KEYS) <= set(report)
@@ -97,7 +97,8 @@ def test_two_step_smoke_run_ends_with_json_report(capsys):
     for key in ("step_time_s", "rollout_tokens_per_s", "peak_rss_mb", "peak_gflops", "update_gflops", "rollout_gflops",
                 "peak_bandwidth_gbs", "rollout_bandwidth_gbs", "rollout_roofline_tokens_per_s"):
         assert report[key] > 0, key
-    assert report["workload"]["num_minibatches"] == 2 and report["workload"]["remat"] is True
+    assert report["workload"]["num_minibatches"] == report["workload"]["num_microbatches"] == 2
+    assert report["workload"]["remat"] is True
     assert report["machine"]["cpu_count"] >= 1 and report["machine"]["jax"] == jax.__version__
 
 

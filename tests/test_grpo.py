@@ -22,6 +22,7 @@ from grpo_jax.grpo import (
     total_reward,
 )
 from grpo_jax.models import ModelConfig, Transformer
+from grpo_jax.losses import BatchTotals
 
 LOSS_TYPES = ["grpo", "bnpo", "dapo", "dr_grpo", "cispo"]
 TINY = ModelConfig(
@@ -45,23 +46,25 @@ def np_group_advantages(rewards, group_size, scale="group", eps=1e-4):
 
 def np_loss_and_grad(
     lp, old, ref, adv, mask, *, loss_type, eps_low, eps_high, beta, max_len=None, kl_bias=False, level="token",
-    num_items=None,
+    totals=None,
 ):
     """Loss and d loss / d lp in float64, by hand.
 
     Loss = sum_bt w_bt * (s_bt + beta * kl_bt): w are the aggregation weights, s the surrogate as a
     function of the ratio r (and, for CISPO, of lp with r held constant). d r_bt / d lp_bu is the
     Jacobian J: r_bt on the diagonal per token; r_b * m_bu / n_b for GSPO's sequence ratio.
-    old=None is on-policy: r = 1 with d r / d lp = r.
+    old=None is on-policy: r = 1 with d r / d lp = r. totals = (sequences, tokens) of the whole batch
+    when these rows are a part of it (default: these rows').
     """
     b, t = lp.shape
     n = np.maximum(mask.sum(1), 1.0)
+    sequences, tokens = (b, max(mask.sum(), 1.0)) if totals is None else totals
     weights = {
-        "grpo": mask / (b * n[:, None]),
-        "bnpo": mask / max(mask.sum(), 1.0),
-        "dapo": mask / (mask.sum() if num_items is None else num_items),
-        "cispo": mask / (mask.sum() if num_items is None else num_items),
-        "dr_grpo": mask / (b * (t if max_len is None else max_len)),
+        "grpo": mask / (sequences * n[:, None]),
+        "bnpo": mask / tokens,
+        "dapo": mask / tokens,
+        "cispo": mask / tokens,
+        "dr_grpo": mask / (sequences * (t if max_len is None else max_len)),
     }[loss_type]
     log_ratio = np.zeros_like(lp) if old is None else lp - old
     if level == "token":
@@ -168,14 +171,42 @@ def test_sequence_level_on_policy_and_kl_bias_correction(loss_type, level, on_po
     with jax.enable_x64(True):
         loss, grad = _jax_loss_and_grad(
             lp, old, ref, adv, mask, loss_type=loss_type, epsilon_low=0.2, epsilon_high=eps_high, beta=0.04,
-            kl_bias_correction=kl_bias, importance_sampling_level=level, num_items_in_batch=40,
+            kl_bias_correction=kl_bias, importance_sampling_level=level, batch_totals=BatchTotals(12, 40),
         )
     ref_loss, ref_grad = np_loss_and_grad(
         lp, old, ref, adv, mask, loss_type=loss_type, eps_low=0.2, eps_high=eps_high, beta=0.04, kl_bias=kl_bias,
-        level=level, num_items=40,
+        level=level, totals=(12, 40),
     )
     np.testing.assert_allclose(loss, ref_loss, atol=1e-6, rtol=1e-6)
     np.testing.assert_allclose(grad, ref_grad, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("loss_type", list(LOSS_TYPES))
+def test_parts_of_a_batch_add_up_to_the_batch(loss_type):
+    """Gradient accumulation: rows split 4 + 5, each part's loss normalized by the whole batch's totals.
+    Losses, gradients and token-mean metrics add up to the whole batch's; ratio_min / max combine."""
+    lp, old, ref, adv, mask = loss_inputs()
+    kwargs = dict(loss_type=loss_type, epsilon_high=1.3 if loss_type == "cispo" else 0.28, beta=0.04,
+                  max_completion_length=8)
+
+    def loss_grad_metrics(rows, totals):
+        def f(logps):
+            return grpo_loss(logps, jnp.asarray(old[rows]), jnp.asarray(ref[rows]), jnp.asarray(adv[rows]),
+                             jnp.asarray(mask[rows]), batch_totals=totals, entropies=jnp.asarray(-lp[rows]), **kwargs)
+
+        (loss, metrics), grad = jax.value_and_grad(f, has_aux=True)(jnp.asarray(lp[rows]))
+        return float(loss), np.asarray(grad), {k: float(v) for k, v in metrics.items()}
+
+    with jax.enable_x64(True):
+        whole = loss_grad_metrics(slice(None), None)
+        totals = BatchTotals(sequences=9, tokens=mask.sum())
+        parts = [loss_grad_metrics(rows, totals) for rows in (slice(0, 4), slice(4, 9))]
+    np.testing.assert_allclose(sum(part[0] for part in parts), whole[0], rtol=1e-12)
+    np.testing.assert_allclose(np.concatenate([part[1] for part in parts]), whole[1], rtol=1e-12, atol=1e-15)
+    for name, value in whole[2].items():
+        values = [part[2][name] for part in parts]
+        combined = {"ratio_min": min, "ratio_max": max}.get(name, sum)(values)
+        np.testing.assert_allclose(combined, value, rtol=1e-12, err_msg=name)
 
 
 def test_gspo_gradient_is_the_stop_gradient_token_form():

@@ -100,9 +100,11 @@ def test_kill_9_then_resume_logs_the_same_steps(smoke_run, cache_dir, tmp_path):
         time.sleep(0.2)
     proc.kill()  # SIGKILL: no handler runs
     proc.wait()
-    # Resumed with --remat: a run may turn it on to fit memory; it recomputes activations, not numbers.
-    run_smoke(out_dir, cache_dir, "--steps", "4", "--remat")
-    assert json.loads((out_dir / "config.json").read_text())["remat"] is True
+    # Resumed with --remat and 2 micro-batches: a run may turn them on to fit memory; they change how the
+    # gradient is computed, not its value.
+    run_smoke(out_dir, cache_dir, "--steps", "4", "--remat", "--num_microbatches", "2")
+    config = json.loads((out_dir / "config.json").read_text())
+    assert config["remat"] is True and config["grpo"]["num_microbatches"] == 2
     records = read_jsonl(metrics)
     assert {r["step"] for r in records} == {1, 2, 3, 4}
     for record in records:  # steps logged twice across the crash are logged again with the same values
@@ -133,7 +135,7 @@ def test_output_dir_with_another_config_is_refused(smoke_run, cache_dir):
     proc = subprocess.run([sys.executable, SCRIPT, "--preset", "smoke", "--output_dir", str(out_dir), "--beta", "0.5"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
-    assert "different config" in proc.stderr and "--overwrite" in proc.stderr
+    assert "different config (grpo.beta differ)" in proc.stderr and "--overwrite" in proc.stderr
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -7,6 +7,7 @@ Two update programs are compiled for the whole module (fixtures), so the compile
 Reference log-probs come from one plain forward + log_softmax over all logits (no chunking).
 """
 
+import dataclasses
 import math
 
 import jax
@@ -169,6 +170,21 @@ def test_old_logps_from_sampler(sgd_step):
     np.testing.assert_allclose(gradient, flat(expected), rtol=1e-4, atol=1e-6)
 
 
+def test_gradient_accumulation_gives_the_same_gradient(sgd_step):
+    """4 micro-batches of 2 rows, each normalized by the whole batch's totals: the same SGD step (grpo loss,
+    whose per-sequence mean is over all 8 rows) and the same metrics."""
+    params, ref_params, batch, gradient, metrics = sgd_step
+    optimizer = optax.sgd(1.0)
+    config = GRPOConfig(loss_type="grpo", beta=0.04, epsilon_high=0.28, num_microbatches=4)
+    state, accumulated = make_update_fn(MODEL, config, optimizer)(
+        TrainState.create(copy_tree(params), optimizer), ref_params, batch)
+    g = flat(gradient)
+    np.testing.assert_allclose(flat(params) - flat(state.params), g, rtol=1e-4, atol=1e-5 * np.abs(g).max())
+    assert set(accumulated) == set(metrics)
+    for name in metrics:
+        np.testing.assert_allclose(float(accumulated[name]), float(metrics[name]), rtol=1e-5, err_msg=name)
+
+
 # ---------------------------------------------------------------------------------- mu = 2, minibatches, AdamW
 
 
@@ -200,6 +216,21 @@ def test_multi_iteration_update_matches_hand_written_loop(adam_update):
             updates, opt_state = optimizer_update(grads, opt_state, theta)
             theta = optax.apply_updates(theta, updates)
     np.testing.assert_allclose(flat(state.params), flat(theta), rtol=1e-4, atol=2e-5)
+
+
+def test_micro_batched_minibatches_match(adam_update):
+    """mu = 2, 2 minibatches of 2 micro-batches each (dapo: token-normalized per minibatch) against the
+    same update without micro-batches: the same parameters after 4 AdamW steps, the same metrics."""
+    update, optimizer = adam_update
+    micro_update = make_update_fn(MODEL, dataclasses.replace(ADAM_CONFIG, num_microbatches=2), optimizer)
+    params, ref_params = init_params(jax.random.key(2), 0.3), init_params(jax.random.key(3), 0.3)
+    batch = make_batch(4, 4 * GROUP_SIZE)
+    state, metrics = update(TrainState.create(copy_tree(params), optimizer), ref_params, batch)
+    micro_state, micro_metrics = micro_update(TrainState.create(copy_tree(params), optimizer), ref_params, batch)
+    np.testing.assert_allclose(flat(micro_state.params), flat(state.params), rtol=1e-5, atol=1e-6)
+    for name in metrics:
+        np.testing.assert_allclose(float(micro_metrics[name]), float(metrics[name]), rtol=1e-4, atol=1e-7,
+                                   err_msg=name)
 
 
 def test_update_compiles_once(adam_update):
@@ -250,7 +281,7 @@ def test_bad_update_inputs_fail_before_compiling():
     params = init_params(jax.random.key(0), 0.3)
     state = TrainState.create(params, update.optimizer)
     batch, ref_params = make_batch(1, 4 * GROUP_SIZE), copy_tree(params)
-    with pytest.raises(ValueError, match="not divisible by num_minibatches=2"):
+    with pytest.raises(ValueError, match="not divisible by num_minibatches x num_microbatches = 2 x 1"):
         update(state, ref_params, rows(batch, slice(0, 5)))
     with pytest.raises(ValueError, match="needs ref_params"):
         update(state, None, batch)
