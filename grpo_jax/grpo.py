@@ -165,6 +165,14 @@ class GRPOConfig:
                 f"got {self.max_completion_length}"
             )
 
+    def check_rows(self, rows: int) -> None:
+        """One update's rows must split evenly into minibatches and their micro-batches."""
+        if rows % (self.num_minibatches * self.num_microbatches):
+            raise ValueError(
+                f"{rows} rows per update are not divisible by num_minibatches x num_microbatches = "
+                f"{self.num_minibatches} x {self.num_microbatches}: change either, or the rows per step"
+            )
+
 
 # ---------------------------------------------------------------------------------------------- log-probs
 
@@ -308,11 +316,7 @@ class UpdateFn:
         for name, shape in expected.items():
             if getattr(batch, name).shape != shape:
                 raise ValueError(f"TrainBatch.{name} has shape {getattr(batch, name).shape}, expected {shape}")
-        if b % (cfg.num_minibatches * cfg.num_microbatches):
-            raise ValueError(
-                f"batch of {b} rows is not divisible by num_minibatches x num_microbatches = "
-                f"{cfg.num_minibatches} x {cfg.num_microbatches}: change either, or the rows per step"
-            )
+        cfg.check_rows(b)
         if cfg.beta != 0.0 and ref_params is None:
             raise ValueError(f"beta={cfg.beta} needs ref_params for the KL term; pass them or set beta=0")
         if cfg.old_logps_from_sampler and batch.sampling_logps is None:
@@ -348,7 +352,7 @@ class UpdateFn:
         """((loss, metrics), gradient) of one minibatch [K, rows, ...]: a sum over its K micro-batches,
         each normalized by the minibatch's totals, so that the sum is the minibatch's loss."""
         mask = microbatches.completion_mask
-        totals = BatchTotals(sequences=mask.shape[0] * mask.shape[1], tokens=mask.sum(dtype=jnp.float32))
+        totals = BatchTotals.of(mask.reshape(-1, mask.shape[-1]))
         grad_fn = jax.value_and_grad(self._loss, has_aux=True)
         inputs = (microbatches, old_logps, ref_logps)
         if self.config.num_microbatches == 1:

@@ -142,12 +142,8 @@ class Trainer:
         self.config = config
         cfg = config
         self.mesh = make_mesh(parse_mesh(cfg.mesh))
-        rows = cfg.prompts_per_step * cfg.group_size
         check_batch_divisible(cfg.prompts_per_step, self.mesh, "prompts per step")
-        parts = cfg.grpo.num_minibatches * cfg.grpo.num_microbatches
-        if rows % parts:
-            raise ValueError(f"{rows} rollouts per step are not divisible by num_minibatches x num_microbatches = "
-                             f"{cfg.grpo.num_minibatches} x {cfg.grpo.num_microbatches}: change either, or the group size")
+        cfg.grpo.check_rows(cfg.prompts_per_step * cfg.group_size)
         self.task, self.model, params, self.tokenizer = load_run_inputs(cfg)
         self.prompt_width = prompt_width(cfg, self.task, self.tokenizer)
         if self.prompt_width + cfg.max_new_tokens > self.model.config.max_position_embeddings:

@@ -155,7 +155,8 @@ def causal_attention(q, k, v, mask, block: int = QUERY_BLOCK, blocked_beyond: in
     T = 520 that computes (and saves for the backward) 56% of the square. The blocks work heads-major
     ([B, Hkv, G*block, hd] against [B, Hkv, S, hd]), where the dots are plain batched matmuls: with the
     blocks, 1.4x faster forward + backward than `attention` on CPU at T = 520 (docs/benchmarks.md, P4).
-    Shorter sequences keep `attention` (same speed there, and their results stay bit for bit).
+    Shorter sequences keep `attention`, so that their results stay bit for bit (the layout would speed
+    their attention up too; not applied, not measured on a whole update).
     On a GPU in half precision, cuDNN's flash attention does it instead (`fused_causal_attention`).
     """
     if fused_attention_supported(q):
