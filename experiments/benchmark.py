@@ -5,6 +5,7 @@ machine's measured matmul peak.
     python experiments/benchmark.py --model peer-tiny-qwen2      # the peers' checkpoint (HF dir or .gguf)
     python experiments/benchmark.py --max_new_tokens 512 --steps 4
     python experiments/benchmark.py --sweep docs/benchmarks      # scaling sweep: PNG plots + a markdown table
+    python experiments/benchmark.py --profile /tmp/prof          # + one traced step: busiest ops, busy threads
     python experiments/benchmark.py --random_model qwen2.5-0.5b --dtype bfloat16 --group_size 16 \
         --max_new_tokens 512 --num_minibatches 4                 # GPU: Qwen2.5-0.5B's shape, random weights
 
@@ -25,7 +26,10 @@ the slower of the two ceilings would be met.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
+import glob
+import gzip
 import json
 import os
 import platform
@@ -361,6 +365,50 @@ def trace_counts(step: GRPOStep) -> dict:
     return {"rollout": rollout.trace_count(), "update": step.update.trace_count}
 
 
+# ---------------------------------------------------------------------------------------------- profile
+
+def profile_step(step: GRPOStep, index: int, out_dir: str) -> dict:
+    """One more step under `jax.profiler` (a trace for Perfetto or TensorBoard in `out_dir`), summarized."""
+    with jax.profiler.trace(out_dir, create_perfetto_trace=True):
+        record = step(index)
+    traces = glob.glob(os.path.join(out_dir, "plugins", "profile", "*", "perfetto_trace.json.gz"))
+    trace = max(traces, key=os.path.getmtime)
+    return dict(trace=trace, **{k: record[k] for k in ("step_s", "rollout_s", "update_s")}, **summarize_trace(trace))
+
+
+def summarize_trace(path: str, top: int = 12) -> dict:
+    """Where a traced step's time went, per compiled program: how long each thread ran its ops, and the
+    busiest ops (a loop's time includes its body's ops, which are also listed on their own). Threads busy
+    for much less than the program's wall time mean its ops ran one at a time on a multi-threaded
+    runtime (the update and the decode loop on XLA:CPU, docs/benchmarks.md)."""
+    with gzip.open(path) as f:
+        events = json.load(f)
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    op_us, spans = collections.Counter(), collections.defaultdict(list)
+    for e in events:
+        hlo = e.get("args", {})
+        if e.get("ph") == "X" and "hlo_op" in hlo:  # an op of a compiled program, not a host annotation
+            op_us[f"{hlo['hlo_module']}/{hlo['hlo_op']}"] += e["dur"]
+            spans[hlo["hlo_module"], e["tid"]].append((e["ts"], e["ts"] + e["dur"]))
+    busy = collections.defaultdict(list)
+    for (program, _), program_spans in spans.items():
+        if (ms := _covered_us(program_spans) / 1e3) >= 1:  # leaves out the host's small jitted helpers
+            busy[program].append(round(ms, 1))
+    return {
+        "thread_busy_ms": {program: sorted(ms, reverse=True) for program, ms in busy.items()},
+        "top_ops_ms": {name: round(us / 1e3, 1) for name, us in op_us.most_common(top)},
+    }
+
+
+def _covered_us(spans: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, end) spans (nested events count once)."""
+    covered, reach = 0.0, float("-inf")
+    for start, end in sorted(spans):
+        covered += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    return covered
+
+
 # ---------------------------------------------------------------------------------------------- report
 
 
@@ -439,7 +487,10 @@ def run(args) -> dict:
     memory = step.memory_breakdown(args.steps) if args.memory_analysis else {}
     memory["kv_cache"] = kv_cache_mb(c, w, jnp.dtype(model.dtype).itemsize)
     bandwidth = measure_bandwidth_gbs(args.bandwidth_mb)
-    return dict(summarize(records, traces, memory, c, w, peak, bandwidth, args), **peaks)
+    result = dict(summarize(records, traces, memory, c, w, peak, bandwidth, args), **peaks)
+    if args.profile:
+        result["profile"] = profile_step(step, args.steps, args.profile)
+    return result
 
 
 # ---------------------------------------------------------------------------------------------- sweep
@@ -563,6 +614,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bandwidth_mb", type=int, default=256, help="size of the array whose copy measures peak_bandwidth_gbs")
     p.add_argument("--memory_analysis", action=argparse.BooleanOptionalAction, default=True,
                    help="after timing, compile both programs once more to report XLA's planned memory")
+    p.add_argument("--profile", metavar="TRACE_DIR", default=None,
+                   help="after timing, trace one more step into TRACE_DIR and report its busiest ops")
     p.add_argument("--sweep", metavar="OUT_DIR", default=None,
                    help="run the scaling sweep (group size, completion length, prompts) and write plots to OUT_DIR")
     p.add_argument("--sweep_values", default=None,

@@ -3,6 +3,7 @@ smoke run on a tiny random model whose last output line must be the JSON report.
 
 import importlib.util
 import json
+import os
 import pathlib
 import sys
 
@@ -83,11 +84,11 @@ def test_update_flops_count_forward_passes(beta, mu, passes):
     assert benchmark.update_flops(config, w) == passes * forward
 
 
-def test_two_step_smoke_run_ends_with_json_report(capsys):
+def test_two_step_smoke_run_ends_with_json_report(capsys, tmp_path):
     benchmark.main([
         "--random_model", TINY, "--num_prompts", "8", "--group_size", "2", "--prompt_len", "4",
         "--max_new_tokens", "4", "--steps", "2", "--peak_size", "64", "--bandwidth_mb", "4",
-        "--num_minibatches", "2", "--num_microbatches", "2", "--remat",
+        "--num_minibatches", "2", "--num_microbatches", "2", "--remat", "--profile", str(tmp_path),
     ])
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(benchmark.REQUIRED_KEYS) <= set(report)
@@ -100,6 +101,15 @@ def test_two_step_smoke_run_ends_with_json_report(capsys):
     assert report["workload"]["num_minibatches"] == report["workload"]["num_microbatches"] == 2
     assert report["workload"]["remat"] is True
     assert report["machine"]["cpu_count"] >= 1 and report["machine"]["jax"] == jax.__version__
+    profile = report["profile"]  # a third, traced step
+    assert os.path.exists(profile["trace"]) and profile["top_ops_ms"]
+    assert {"jit_generate_fn", "jit__update"} <= set(profile["thread_busy_ms"])
+    assert 0 < max(profile["thread_busy_ms"]["jit__update"]) <= 1e3 * profile["update_s"]
+
+
+def test_covered_time_counts_overlapping_spans_once():
+    assert benchmark._covered_us([(20, 25), (0, 10), (5, 15), (21, 22)]) == 15 + 5
+    assert benchmark._covered_us([]) == 0
 
 
 def test_bad_random_model_is_one_clear_error(capsys):
