@@ -209,7 +209,7 @@ def check_batch_divisible(global_batch: int, mesh: Mesh, what: str = "global bat
 def kv_cache_sharding(model: Transformer, mesh: Mesh) -> KVCache:
     """Shardings of a `KVCache` for the sampler: rows over (data, fsdp), kv heads over tensor when divisible.
 
-    `k` and `v` are tuples with one sharding per layer, like the cache's per-layer [B, Hkv, S, hd] buffers.
+    `k` and `v` are tuples with one sharding per layer, like the cache's per-layer buffers ([B, Hkv, ...]).
     """
     heads = "tensor" if model.config.num_kv_heads % mesh.shape["tensor"] == 0 else None
     per_layer = (NamedSharding(mesh, P(BATCH_AXES, heads, None, None)),) * model.config.num_layers

@@ -46,8 +46,9 @@ def test_kv_cache_decoding_equals_full_forward(tiny_model):
     cached = jnp.concatenate(step_logits, axis=1)
 
     real = np.asarray(mask, bool)
-    c = model.config  # one [B, Hkv, S, hd] buffer per layer, written in place
-    assert [k.shape for k in cache.k + cache.v] == [(2, c.num_kv_heads, SEQ_LEN, c.head_dim)] * (2 * c.num_layers)
+    c = model.config  # per layer, keys [B, Hkv, hd, S] and values [B, Hkv, S, hd], written in place
+    assert [k.shape for k in cache.k] == [(2, c.num_kv_heads, c.head_dim, SEQ_LEN)] * c.num_layers
+    assert [v.shape for v in cache.v] == [(2, c.num_kv_heads, SEQ_LEN, c.head_dim)] * c.num_layers
     np.testing.assert_array_equal(np.asarray(positions[0]), [0, 0, 0, 0, 1, 2, 3, 4, 5, 6])
     np.testing.assert_allclose(np.asarray(cached)[real], np.asarray(full)[real], atol=1e-5, rtol=0)
 

@@ -47,20 +47,21 @@ class KVCache:
     All rows write the same slot at each step (prompts are left-padded), so one scalar `index` says
     where the next tokens go.
 
-    Layout: one [B, Hkv, S, hd] buffer per layer (a tuple of L arrays), not one stacked [L, ...] array.
-    A decode loop then updates each buffer in place and reads it whole; with a stacked cache XLA:CPU
-    copies (and transposes) a layer's slice out of the stack on every step. Heads come before slots so
-    that a query's dot products over the slots read contiguous memory.
+    Layout: one buffer per layer (a tuple of L arrays), not one stacked [L, ...] array: a decode loop then
+    updates each buffer in place and reads it whole; with a stacked cache XLA:CPU copies (and transposes)
+    a layer's slice out of the stack on every step. Keys are stored transposed, [B, Hkv, hd, S], values as
+    [B, Hkv, S, hd], so that a decode step's two products, q [G, hd] x k [hd, S] and probs [G, S] x
+    v [S, hd], are plain matrix products that read the cache in order (docs/benchmarks.md, P10).
     """
 
-    k: tuple[jax.Array, ...]  # L arrays [B, Hkv, S, hd]
+    k: tuple[jax.Array, ...]  # L arrays [B, Hkv, hd, S]
     v: tuple[jax.Array, ...]  # L arrays [B, Hkv, S, hd]
     valid: jax.Array  # bool [B, S]
     index: jax.Array  # int32 scalar: the next slot to write
 
     @property
     def max_len(self) -> int:
-        return self.k[0].shape[2]
+        return self.v[0].shape[2]
 
     def repeat(self, n: int) -> "KVCache":
         """Each row repeated n times (row i -> rows i*n .. i*n+n-1): G samples share one prefill."""
@@ -79,7 +80,7 @@ class KVCache:
             return jnp.pad(x, widths)
 
         return KVCache(
-            k=tuple(pad(x, 2) for x in self.k),
+            k=tuple(pad(x, 3) for x in self.k),
             v=tuple(pad(x, 2) for x in self.v),
             valid=pad(self.valid, 1),
             index=self.index,
@@ -198,23 +199,23 @@ def fused_causal_attention(q, k, v, mask):
 
 
 def cached_attention(q, k, v, mask):
-    """`attention` over one layer's cache, laid out [B, Hkv, S, hd] (see `KVCache`).
+    """`attention` over one layer's cache: k [B, Hkv, hd, S], v [B, Hkv, S, hd] (see `KVCache`).
 
-    For a single query per row (a decode step) the scores are a multiply-and-reduce over the head dim
-    when it is long enough to vectorize (>= 32): on CPU that fuses into one loop over the cache, where a
-    dot_general runs B*Hkv tiny [G, hd] x [hd, S] GEMMs. A short head dim reduces poorly, so there the dot
-    wins, and so it does for probs x values, whose reduction over slots is a strided loop (measured per
-    shape in docs/benchmarks.md). Longer queries (a prefill, once per rollout) go through `attention`.
+    A single query per row (a decode step) scores its G query heads per KV head, q [G, hd], against the
+    transposed keys [hd, S], then weights the values [S, hd]. With a head dim >= 32 the scores are a
+    multiply-and-reduce over hd, which XLA:CPU runs as a loop vectorized along the slots; a shorter head
+    dim reduces poorly that way, and there the batched dot wins (measured per shape in
+    docs/benchmarks.md, P1 and P10). Longer queries (a prefill, once per rollout) go through `attention`.
     """
     b, t, hq, hd = q.shape
     if t > 1:
-        return attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask)
+        return attention(q, k.transpose(0, 3, 1, 2), v.swapaxes(1, 2), mask)
     hkv = k.shape[1]
-    q = q.reshape(b, hkv, hq // hkv, hd)  # [B, Hkv, G, hd] against k [B, Hkv, S, hd]
+    q = q.reshape(b, hkv, hq // hkv, hd)  # [B, Hkv, G, hd]
     if hd >= 32:
-        scores = jnp.sum(q[:, :, :, None, :] * k[:, :, None], axis=-1, dtype=jnp.float32)
+        scores = jnp.sum(q[..., None] * k[:, :, None], axis=3, dtype=jnp.float32)
     else:
-        scores = jnp.einsum("bkgd,bksd->bkgs", q, k, preferred_element_type=jnp.float32)
+        scores = jnp.einsum("bkgd,bkds->bkgs", q, k, preferred_element_type=jnp.float32)
     probs = _masked_softmax(scores / math.sqrt(hd), mask[:, None, None, 0, :], v.dtype)  # [B, Hkv, G, S]
     return jnp.einsum("bkgs,bksd->bkgd", probs, v).reshape(b, 1, hq * hd)
 
@@ -394,12 +395,13 @@ class Transformer:
     # ------------------------------------------------------------------ KV-cache path
 
     def init_cache(self, batch_size: int, max_len: int) -> KVCache:
-        """An empty cache of `max_len` slots for `batch_size` rows (one [B, Hkv, S, hd] buffer per layer)."""
+        """An empty cache of `max_len` slots for `batch_size` rows (a key and a value buffer per layer)."""
         c = self.config
-        shape = (batch_size, c.num_kv_heads, max_len, c.head_dim)
+        keys_shape = (batch_size, c.num_kv_heads, c.head_dim, max_len)
+        values_shape = (batch_size, c.num_kv_heads, max_len, c.head_dim)
         return KVCache(
-            k=tuple(jnp.zeros(shape, self.dtype) for _ in range(c.num_layers)),
-            v=tuple(jnp.zeros(shape, self.dtype) for _ in range(c.num_layers)),
+            k=tuple(jnp.zeros(keys_shape, self.dtype) for _ in range(c.num_layers)),
+            v=tuple(jnp.zeros(values_shape, self.dtype) for _ in range(c.num_layers)),
             valid=jnp.zeros((batch_size, max_len), jnp.bool_),
             index=jnp.zeros((), jnp.int32),
         )
@@ -426,7 +428,8 @@ class Transformer:
         for p, k_cache, v_cache in zip(unstack_layers(params)["layers"], cache.k, cache.v):
             h = rms_norm(x, p["attn_norm"], self.config.rms_norm_eps)
             q, k, v = self._qkv(p, h, positions, inv_freq)
-            k_cache, v_cache = _write_slots(k_cache, k, start), _write_slots(v_cache, v, start)
+            k_cache = _write_slots(k_cache, k.transpose(0, 2, 3, 1), start, slot_axis=3)
+            v_cache = _write_slots(v_cache, v.swapaxes(1, 2), start, slot_axis=2)
             x = self._mlp(p, x + cached_attention(q, k_cache, v_cache, mask) @ p["wo"])
             new_k.append(k_cache)
             new_v.append(v_cache)
@@ -457,9 +460,11 @@ class Transformer:
         return x + dense(jax.nn.silu(gate) * up, p["w_down"])
 
 
-def _write_slots(buffer: jax.Array, values: jax.Array, start: jax.Array) -> jax.Array:
-    """One layer's cache buffer [B, Hkv, S, hd] with `values` [B, T, Hkv, hd] written at slots [start, start+T)."""
-    return jax.lax.dynamic_update_slice(buffer, values.swapaxes(1, 2).astype(buffer.dtype), (0, 0, start, 0))
+def _write_slots(buffer: jax.Array, values: jax.Array, start: jax.Array, slot_axis: int) -> jax.Array:
+    """One layer's cache buffer with `values`, laid out like it, written at slots [start, start+T)."""
+    offsets = [0] * buffer.ndim
+    offsets[slot_axis] = start
+    return jax.lax.dynamic_update_slice(buffer, values.astype(buffer.dtype), offsets)
 
 
 def _select_like(tree: dict, shapes: dict) -> dict:
