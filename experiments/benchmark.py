@@ -392,10 +392,11 @@ def summarize_trace(path: str, top: int = 12) -> dict:
             spans[hlo["hlo_module"], e["tid"]].append((e["ts"], e["ts"] + e["dur"]))
     busy = collections.defaultdict(list)
     for (program, _), program_spans in spans.items():
-        if (ms := _covered_us(program_spans) / 1e3) >= 1:  # leaves out the host's small jitted helpers
-            busy[program].append(round(ms, 1))
+        busy[program].append(_covered_us(program_spans) / 1e3)
+    total_ms = sum(map(sum, busy.values()))
+    busy = {program: ms for program, ms in busy.items() if sum(ms) >= 0.01 * total_ms}  # not the host's tiny jits
     return {
-        "thread_busy_ms": {program: sorted(ms, reverse=True) for program, ms in busy.items()},
+        "thread_busy_ms": {program: sorted((round(x, 1) for x in ms), reverse=True) for program, ms in busy.items()},
         "top_ops_ms": {name: round(us / 1e3, 1) for name, us in op_us.most_common(top)},
     }
 

