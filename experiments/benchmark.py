@@ -378,9 +378,9 @@ def profile_step(step: GRPOStep, index: int, out_dir: str) -> dict:
 
 def summarize_trace(path: str, top: int = 12) -> dict:
     """Where a traced step's time went, per compiled program: how long each thread ran its ops, and the
-    busiest ops (a loop's time includes its body's ops, which are also listed on their own). Threads busy
-    for much less than the program's wall time mean its ops ran one at a time on a multi-threaded
-    runtime (the update and the decode loop on XLA:CPU, docs/benchmarks.md)."""
+    ops with the most time in all. Threads busy for much less than the program's wall time mean its ops
+    ran one at a time on a multi-threaded runtime (the update and the decode loop on XLA:CPU,
+    docs/benchmarks.md)."""
     with gzip.open(path) as f:
         events = json.load(f)
     events = events["traceEvents"] if isinstance(events, dict) else events
