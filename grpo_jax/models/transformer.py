@@ -50,8 +50,8 @@ class KVCache:
     Layout: one buffer per layer (a tuple of L arrays), not one stacked [L, ...] array: a decode loop then
     updates each buffer in place and reads it whole; with a stacked cache XLA:CPU copies (and transposes)
     a layer's slice out of the stack on every step. Keys are stored transposed, [B, Hkv, hd, S], values as
-    [B, Hkv, S, hd], so that a decode step's two products, q [G, hd] x k [hd, S] and probs [G, S] x
-    v [S, hd], are plain matrix products that read the cache in order (docs/benchmarks.md, P10).
+    [B, Hkv, S, hd], so that a decode step reads both in order: its scores q [G, hd] x k [hd, S] run along
+    the slots, its weighted sum probs [G, S] x v [S, hd] along the head dim (docs/benchmarks.md, P10).
     """
 
     k: tuple[jax.Array, ...]  # L arrays [B, Hkv, hd, S]
