@@ -59,9 +59,11 @@ class KVCache:
     valid: jax.Array  # bool [B, S]
     index: jax.Array  # int32 scalar: the next slot to write
 
+    KEY_SLOT_AXIS, VALUE_SLOT_AXIS = 3, 2  # where the slots are in each layout
+
     @property
     def max_len(self) -> int:
-        return self.v[0].shape[2]
+        return self.v[0].shape[self.VALUE_SLOT_AXIS]
 
     def repeat(self, n: int) -> "KVCache":
         """Each row repeated n times (row i -> rows i*n .. i*n+n-1): G samples share one prefill."""
@@ -80,8 +82,8 @@ class KVCache:
             return jnp.pad(x, widths)
 
         return KVCache(
-            k=tuple(pad(x, 3) for x in self.k),
-            v=tuple(pad(x, 2) for x in self.v),
+            k=tuple(pad(x, self.KEY_SLOT_AXIS) for x in self.k),
+            v=tuple(pad(x, self.VALUE_SLOT_AXIS) for x in self.v),
             valid=pad(self.valid, 1),
             index=self.index,
         )
@@ -428,8 +430,8 @@ class Transformer:
         for p, k_cache, v_cache in zip(unstack_layers(params)["layers"], cache.k, cache.v):
             h = rms_norm(x, p["attn_norm"], self.config.rms_norm_eps)
             q, k, v = self._qkv(p, h, positions, inv_freq)
-            k_cache = _write_slots(k_cache, k.transpose(0, 2, 3, 1), start, slot_axis=3)
-            v_cache = _write_slots(v_cache, v.swapaxes(1, 2), start, slot_axis=2)
+            k_cache = _write_slots(k_cache, k.transpose(0, 2, 3, 1), start, KVCache.KEY_SLOT_AXIS)
+            v_cache = _write_slots(v_cache, v.swapaxes(1, 2), start, KVCache.VALUE_SLOT_AXIS)
             x = self._mlp(p, x + cached_attention(q, k_cache, v_cache, mask) @ p["wo"])
             new_k.append(k_cache)
             new_v.append(v_cache)
