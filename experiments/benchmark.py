@@ -19,8 +19,11 @@ the FLOPs the implementation happens to execute; MFU is model FLOP/s over `peak_
 large square matmul in the run's dtype measured in the same process. Decoding is bound by memory rather
 than arithmetic, so the rollout is also held against bandwidth: `rollout_bytes` counts the fewest bytes it
 must read (every weight once per decode step, and the live part of the KV cache), and `peak_bandwidth_gbs`
-is a large copy's rate measured in the same process; `rollout_roofline_tokens_per_s` is the rate at which
-the slower of the two ceilings would be met.
+is the rate at which one large read (a sum over an array bigger than the CPU's caches) streams memory,
+measured in the same process; `rollout_roofline_tokens_per_s` is the rate at which the slower of the two
+ceilings would be met.
+
+    python experiments/benchmark.py --cpu_devices 2              # a CPU split into 2 devices, data-parallel
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ from grpo_jax.sharding import (
     param_shardings,
     parse_mesh,
     shard_params,
+    use_cpu_devices,
 )
 
 # The peers' tiny Qwen2 (shared/peers/README.md): 3,035,392 parameters.
@@ -178,11 +182,14 @@ def measure_peak_gflops(size: int = 2048, dtype=jnp.float32, repeats: int = 5) -
     return 2 * size**3 / _best_time(jax.jit(jnp.matmul), a, b, repeats=repeats) / 1e9
 
 
-def measure_bandwidth_gbs(megabytes: int = 256, repeats: int = 5) -> float:
-    """Memory bandwidth in GB/s of a jitted elementwise pass over a float32 array of `megabytes`, counting
-    the bytes read plus the bytes written, best of `repeats`."""
+def measure_bandwidth_gbs(megabytes: int = 1024, repeats: int = 5) -> float:
+    """Memory read bandwidth in GB/s: a jitted sum over a float32 array of `megabytes`, best of `repeats`.
+
+    A read, because the rollout's bytes are reads (weights, KV cache). A copy is no ceiling for them: its
+    writes first fetch every line they overwrite, and XLA:CPU runs it on one thread; it measured 3-4x
+    below this on the CPU of docs/benchmarks.md. Make the array larger than the last-level cache."""
     x = jax.random.normal(jax.random.key(1), (megabytes * 2**18,), jnp.float32)
-    return 2 * x.nbytes / _best_time(jax.jit(lambda a: a * 2.0), x, repeats=repeats) / 1e9
+    return x.nbytes / _best_time(jax.jit(jnp.sum), x, repeats=repeats) / 1e9
 
 
 def cpu_name() -> str:
@@ -504,8 +511,8 @@ SWEEPS = {  # flag -> values; every other flag keeps the sweep command's value
 # What each point of a sweep inherits from the sweep's own command line (the swept flag is then overridden).
 SWEEP_INHERITED_FLAGS = (
     "random_model", "num_prompts", "group_size", "prompt_len", "max_new_tokens", "min_new_tokens", "beta",
-    "num_iterations", "num_minibatches", "num_microbatches", "steps", "dtype", "mesh", "seed", "peak_size",
-    "bandwidth_mb",
+    "num_iterations", "num_minibatches", "num_microbatches", "steps", "dtype", "mesh", "cpu_devices", "seed",
+    "peak_size", "bandwidth_mb",
 )
 
 
@@ -520,7 +527,8 @@ def sweep_point_command(args, flag: str, value: int) -> list[str]:
     if args.model:
         command += ["--model", args.model]
     for name, setting in settings.items():
-        command += [f"--{name}", str(setting)]
+        if setting is not None:  # --cpu_devices when not given
+            command += [f"--{name}", str(setting)]
     return command
 
 
@@ -607,12 +615,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num_iterations", type=int, default=1, help="mu: passes over each generation batch")
     p.add_argument("--steps", type=int, default=6, help="GRPO steps; the first compiles and is left out of medians")
     p.add_argument("--mesh", default="data=-1", help="e.g. data=-1 or fsdp=2,tensor=2")
+    p.add_argument("--cpu_devices", type=int, default=None,
+                   help="split the CPU into N devices for the mesh (0: one per core; default: JAX's, one); "
+                        "see grpo_jax.sharding.use_cpu_devices")
     p.add_argument("--remat", action=argparse.BooleanOptionalAction, default=False,
                    help="recompute attention and elementwise work in the backward (Transformer.remat)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--peak_size", type=int, default=None,
                    help="side of the square matmul that measures peak_gflops (default 2048 on CPU, 8192 on accelerators)")
-    p.add_argument("--bandwidth_mb", type=int, default=256, help="size of the array whose copy measures peak_bandwidth_gbs")
+    p.add_argument("--bandwidth_mb", type=int, default=1024,
+                   help="size of the array whose read measures peak_bandwidth_gbs (larger than the CPU's caches)")
     p.add_argument("--memory_analysis", action=argparse.BooleanOptionalAction, default=True,
                    help="after timing, compile both programs once more to report XLA's planned memory")
     p.add_argument("--profile", metavar="TRACE_DIR", default=None,
@@ -622,6 +634,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sweep_values", default=None,
                    help='points of the sweep, e.g. "group_size=2,8,32 max_new_tokens=32,128" (default: all of SWEEPS)')
     args = p.parse_args(argv)
+    if args.cpu_devices is not None:  # before anything starts JAX's backend (default_backend below does)
+        try:
+            args.cpu_devices = use_cpu_devices(args.cpu_devices)
+        except ValueError as e:
+            p.error(str(e))
     if args.min_new_tokens is None:
         args.min_new_tokens = args.max_new_tokens
     if args.peak_size is None:

@@ -97,6 +97,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="recompute attention in the backward: far less activation memory on long completions "
                         "(the TPU presets turn it on)")
     p.add_argument("--mesh", help="device mesh, e.g. data=2,fsdp=2,tensor=2 (-1 fills the rest)")
+    p.add_argument("--cpu_devices", type=int, help="on a CPU: split it into N devices for the mesh (0: one per "
+                   "core; faster rollouts on a multi-core CPU; rows must divide by N)")
     p.add_argument("--coordinator", help="HOST:PORT of process 0, for multi-process runs off TPU")
     p.add_argument("--num_processes", type=int, help="processes in a multi-process run")
     p.add_argument("--process_id", type=int, help="this process's index")
@@ -205,8 +207,10 @@ def main(argv=None) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from grpo_jax.sharding import initialize_distributed
+    from grpo_jax.sharding import initialize_distributed, use_cpu_devices
 
+    if args.cpu_devices is not None:
+        use_cpu_devices(args.cpu_devices)
     initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     config = build_config(args)
     if args.eval_only:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import math
+import os
 import pathlib
 
 import jax
@@ -242,6 +243,31 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
     if num_processes == 1:
         return
     jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
+
+
+def use_cpu_devices(count: int) -> int:
+    """Split this host's CPU into `count` JAX devices (0: one per core this process may use); returns
+    the count. Call it before any JAX operation: the CPU backend reads it once, when it starts.
+
+    Why: XLA:CPU runs a program's ops one at a time, and a decode step is a chain of ops too small to
+    fill several cores. A mesh's `data` axis over `count` CPU devices gives each core its own shard of
+    the rows, so the shards' chains run side by side: on 2 cores the rollout is 1.2-1.4x faster
+    (docs/benchmarks.md, P11). Rows must then divide by `count`, and sums over the batch (losses,
+    gradients) are reduced across devices, so results agree with one device up to float rounding.
+    """
+    if count < 0:
+        raise ValueError(f"cpu_devices must be >= 0 (0: one per core), got {count}")
+    if count == 0:  # the cores this process may run on (macOS has no affinity: all of them)
+        count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        jax.config.update("jax_num_cpu_devices", count)
+    except RuntimeError:
+        if len(jax.devices("cpu")) != count:
+            raise ValueError(
+                f"cannot split the CPU into {count} devices: JAX's CPU backend already started with "
+                f"{len(jax.devices('cpu'))}; call use_cpu_devices (--cpu_devices) before any JAX operation"
+            ) from None
+    return count
 
 
 def _on_cloud_tpu() -> bool:

@@ -119,6 +119,9 @@ def test_bad_random_model_is_one_clear_error(capsys):
     with pytest.raises(SystemExit):
         benchmark.parse_args(["--num_prompts", "3", "--group_size", "2", "--num_minibatches", "4"])
     assert "must divide the 6 rows" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # this process's JAX already runs on 8 CPU devices
+        benchmark.parse_args(["--cpu_devices", "2"])
+    assert "cannot split the CPU into 2 devices" in capsys.readouterr().err
 
 
 def test_sweep_points_inherit_the_sweep_command_line():
