@@ -204,17 +204,19 @@ def cached_attention(q, k, v, mask):
     """`attention` over one layer's cache: k [B, Hkv, hd, S], v [B, Hkv, S, hd] (see `KVCache`).
 
     A single query per row (a decode step) scores its G query heads per KV head, q [G, hd], against the
-    transposed keys [hd, S], then weights the values [S, hd]. With a head dim >= 32 the scores are a
-    multiply-and-reduce over hd, which XLA:CPU runs as a loop vectorized along the slots; a shorter head
+    transposed keys [hd, S], then weights the values [S, hd]. On XLA:CPU with a head dim >= 32 the scores
+    are a multiply-and-reduce over hd, which it runs as a loop vectorized along the slots; a shorter head
     dim reduces poorly that way, and there the batched dot wins (measured per shape in
-    docs/benchmarks.md, P1 and P10). Longer queries (a prefill, once per rollout) go through `attention`.
+    docs/benchmarks.md, P1 and P10). Elsewhere the batched dot always wins: on an H100 the
+    multiply-and-reduce made the whole rollout 1.7x slower (P12). Longer queries (a prefill, once per
+    rollout) go through `attention`.
     """
     b, t, hq, hd = q.shape
     if t > 1:
         return attention(q, k.transpose(0, 3, 1, 2), v.swapaxes(1, 2), mask)
     hkv = k.shape[1]
     q = q.reshape(b, hkv, hq // hkv, hd)  # [B, Hkv, G, hd]
-    if hd >= 32:
+    if hd >= 32 and jax.default_backend() == "cpu":
         scores = jnp.sum(q[..., None] * k[:, :, None], axis=3, dtype=jnp.float32)
     else:
         scores = jnp.einsum("bkgd,bkds->bkgs", q, k, preferred_element_type=jnp.float32)
