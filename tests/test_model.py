@@ -153,6 +153,27 @@ def test_blockwise_causal_attention_equals_full_attention():
         np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+@pytest.mark.parametrize("head_dim", [16, 64])
+def test_decode_step_attention_equals_plain_attention_on_each_path(monkeypatch, backend, head_dim):
+    """A decode step's scores are a multiply-and-reduce over the transposed keys on XLA:CPU with head dims
+    >= 32 and a batched dot otherwise (P10, P12); each path gives `attention`'s outputs over the cache."""
+    b, hq, hkv, slots = 3, 4, 2, 7
+    keys = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(keys[0], (b, 1, hq, head_dim))
+    k_cache = jax.random.normal(keys[1], (b, hkv, head_dim, slots))  # the cache's layouts (`KVCache`)
+    v_cache = jax.random.normal(keys[2], (b, hkv, slots, head_dim))
+    mask = (jnp.arange(slots)[None, None, :] >= jnp.array([0, 2, 5])[:, None, None])  # left pads per row
+    expected = attention(q, k_cache.transpose(0, 3, 1, 2), v_cache.swapaxes(1, 2), mask)
+
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    # a fresh function each time: JAX caches traces per function, and the backend is read while tracing
+    program = str(jax.make_jaxpr(lambda *args: transformer.cached_attention(*args))(q, k_cache, v_cache, mask))
+    multiply_and_reduce = backend == "cpu" and head_dim >= 32
+    assert program.count("dot_general") == (1 if multiply_and_reduce else 2)
+    np.testing.assert_allclose(transformer.cached_attention(q, k_cache, v_cache, mask), expected, atol=1e-5)
+
+
 def test_remat_keeps_only_the_projections_and_changes_no_number():
     """`Transformer(remat=True)`: the same loss and gradients, and for the backward it keeps per layer only
     the projections' outputs (SAVED_UNDER_REMAT), never the [T, T] attention scores or probabilities (the
