@@ -52,6 +52,7 @@ from grpo_jax.models import ModelConfig, Transformer, load_pretrained
 from grpo_jax.optim import OptimizerConfig, make_optimizer
 from grpo_jax import rollout
 from grpo_jax.sharding import (
+    add_cpu_devices_flag,
     batch_sharding,
     check_batch_divisible,
     make_mesh,
@@ -615,9 +616,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num_iterations", type=int, default=1, help="mu: passes over each generation batch")
     p.add_argument("--steps", type=int, default=6, help="GRPO steps; the first compiles and is left out of medians")
     p.add_argument("--mesh", default="data=-1", help="e.g. data=-1 or fsdp=2,tensor=2")
-    p.add_argument("--cpu_devices", type=int, default=None,
-                   help="split the CPU into N devices for the mesh (0: one per core; default: JAX's, one); "
-                        "see grpo_jax.sharding.use_cpu_devices")
+    add_cpu_devices_flag(p)
     p.add_argument("--remat", action=argparse.BooleanOptionalAction, default=False,
                    help="recompute attention and elementwise work in the backward (Transformer.remat)")
     p.add_argument("--seed", type=int, default=0)

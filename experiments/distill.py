@@ -43,6 +43,8 @@ ROLES = ("teacher", "student_before", "student_after", "student_rl")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from grpo_jax.sharding import add_cpu_devices_flag
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="default", choices=sorted(PRESETS))
     p.add_argument("--teacher", help="a finished run's directory or a Hugging Face directory (default: the R1-Zero "
@@ -56,6 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_per_prompt", type=int, help="distinct passing traces kept per problem")
     p.add_argument("--sft_epochs", type=float, help="passes over the traces")
     p.add_argument("--overwrite", action="store_true", help="replace a distillation run with another config")
+    add_cpu_devices_flag(p)
     return p.parse_args(argv)
 
 
@@ -237,8 +240,12 @@ def print_table(summary: dict) -> None:
 
 
 def main(argv=None) -> dict:
+    from grpo_jax.sharding import use_cpu_devices
+
     args = parse_args(argv)
     try:
+        if args.cpu_devices is not None:
+            use_cpu_devices(args.cpu_devices)
         summary = distill(make_plan(args), args.output_dir, overwrite=args.overwrite)
     except (ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError) as error:
         sys.exit(f"error: {error}")

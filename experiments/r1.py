@@ -32,12 +32,15 @@ PRESETS = {
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from grpo_jax.sharding import add_cpu_devices_flag
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="default", choices=sorted(PRESETS))
     p.add_argument("--model", help="the base model (default: the demo base model for --seed)")
     p.add_argument("--cold_start", help="JSONL of cold-start traces with prompt/completion (or question/completion) text")
     p.add_argument("--output_dir", default="runs/r1")
     p.add_argument("--seed", type=int, default=0)
+    add_cpu_devices_flag(p)
     return p.parse_args(argv)
 
 
@@ -65,8 +68,11 @@ def run(args: argparse.Namespace) -> dict:
     from grpo_jax.rejection import RejectionConfig, trace_stats, write_teacher_traces
     from grpo_jax.runs import write_json
     from grpo_jax.sft_trainer import SFTRunConfig, run_sft
+    from grpo_jax.sharding import use_cpu_devices
     from grpo_jax.trainer import evaluate_checkpoint, train
 
+    if args.cpu_devices is not None:
+        use_cpu_devices(args.cpu_devices)
     preset = PRESETS[args.preset]
     out = lambda name: os.path.join(args.output_dir, name)  # noqa: E731
     recipe = lambda *flags: r1zero.config_for("default", args.seed, *preset["r1zero_flags"], *flags)  # noqa: E731

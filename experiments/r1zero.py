@@ -56,6 +56,8 @@ CACHE_DIR = os.environ.get("GRPO_JAX_CACHE", os.path.join(os.path.expanduser("~"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from grpo_jax.sharding import add_cpu_devices_flag
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="default", choices=sorted(PRESETS), help="a named configuration; flags override it")
     p.add_argument("--model", help="Hugging Face model directory or .gguf file (default: the preset's base model)")
@@ -97,8 +99,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="recompute attention in the backward: far less activation memory on long completions "
                         "(the TPU presets turn it on)")
     p.add_argument("--mesh", help="device mesh, e.g. data=2,fsdp=2,tensor=2 (-1 fills the rest)")
-    p.add_argument("--cpu_devices", type=int, help="on a CPU: split it into N devices for the mesh (0: one per "
-                   "core; faster rollouts on a multi-core CPU; rows must divide by N)")
+    add_cpu_devices_flag(p)
     p.add_argument("--coordinator", help="HOST:PORT of process 0, for multi-process runs off TPU")
     p.add_argument("--num_processes", type=int, help="processes in a multi-process run")
     p.add_argument("--process_id", type=int, help="this process's index")

@@ -17,6 +17,7 @@ import sys
 
 def parse_args(argv=None) -> argparse.Namespace:
     from grpo_jax.sft_trainer import SFTRunConfig
+    from grpo_jax.sharding import add_cpu_devices_flag
 
     defaults = SFTRunConfig(model="", data="")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -37,6 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--remat", action="store_true", help="recompute attention in the backward: far less activation "
                    "memory on long sequences")
     p.add_argument("--mesh", default=defaults.mesh, help="device mesh, e.g. data=2,fsdp=2,tensor=2")
+    add_cpu_devices_flag(p)
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--save_every", type=int, default=defaults.save_every)
     p.add_argument("--overwrite", action="store_true", help="replace a run with a different config in --output_dir")
@@ -45,10 +47,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     from grpo_jax.sft_trainer import SFTRunConfig, run_sft
+    from grpo_jax.sharding import use_cpu_devices
 
     args = parse_args(argv)
-    fields = {k: v for k, v in vars(args).items() if k != "init_from"}
+    fields = {k: v for k, v in vars(args).items() if k not in ("init_from", "cpu_devices")}
     try:
+        if args.cpu_devices is not None:
+            use_cpu_devices(args.cpu_devices)
         summary = run_sft(SFTRunConfig(model=args.init_from, **fields))
     except (ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError) as error:
         sys.exit(f"error: {error}")

@@ -271,6 +271,13 @@ def use_cpu_devices(count: int) -> int:
     return count
 
 
+def add_cpu_devices_flag(parser) -> None:
+    """`--cpu_devices N` on a script's argparse parser; the script passes it to `use_cpu_devices` first."""
+    parser.add_argument("--cpu_devices", type=int, default=None,
+                        help="on a CPU: split it into N devices for the mesh's data axis (0: one per core; default: "
+                             "JAX's one). Faster on multi-core CPUs; rows must divide by N")
+
+
 def _on_cloud_tpu() -> bool:
     """True when a Google TPU chip is on the PCI bus (the test JAX itself uses)."""
     return any(pathlib.Path(p).read_text().strip() == "0x1ae0" for p in glob.glob("/sys/bus/pci/devices/*/vendor"))

@@ -84,13 +84,21 @@ def test_r1_pipeline_smoke_runs_every_stage_from_the_last(tmp_path, cache_dir):
     ("r1zero.py", ["--init_from", "x", "--model", "y"], "error: give --model (a base model) or --init_from"),
     ("sft.py", ["--init_from", "UNFINISHED", "--data", "/nonexistent/traces.jsonl"], "error: no trace file at"),
     ("sft.py", ["--init_from", "UNFINISHED", "--data", "TRACES"], "has no final/ export: it has not finished"),
+    # --cpu_devices is applied first (a mesh of 3 despite XLA_FLAGS' 8 devices), and checked
+    ("sft.py", ["--init_from", "STUDENT", "--data", "TRACES", "--batch_size", "1", "--cpu_devices", "3"],
+     "error: SFT batch rows 1 is not divisible by data*fsdp = 3"),
+    ("r1.py", ["--cpu_devices", "-1"], "error: cpu_devices must be >= 0"),
+    ("distill.py", ["--cpu_devices", "-1"], "error: cpu_devices must be >= 0"),
 ])
 def test_bad_stage_inputs_are_one_line_errors(tmp_path, cache_dir, script, args, message):
+    from grpo_jax.demo_base import SHIPPED_DIR
     from grpo_jax.rejection import write_traces
 
     (tmp_path / "unfinished" / "checkpoints").mkdir(parents=True)
     traces = write_traces(str(tmp_path / "traces.jsonl"), [{"prompt": "1+1=", "completion": " 2"}])
-    args = [{"UNFINISHED": str(tmp_path / "unfinished"), "TRACES": traces}.get(a, a) for a in args]
+    paths = {"UNFINISHED": str(tmp_path / "unfinished"), "TRACES": traces,
+             "STUDENT": os.path.join(SHIPPED_DIR, "demo_student_seed0")}
+    args = [paths.get(a, a) for a in args]
     proc = run_script(script, *args, "--output_dir", str(tmp_path / "out"), cache_dir=cache_dir, check=False)
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1].startswith("error:") and message in proc.stderr
