@@ -250,7 +250,7 @@ def parse_random_model(spec: str) -> ModelConfig:
 
 
 def load_model(args) -> tuple[Transformer, dict]:
-    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+    dtype = jnp.dtype(args.dtype)
     if args.model:
         model, params = load_pretrained(args.model, dtype=dtype)
     else:

@@ -48,7 +48,7 @@ def load_policy(model: str | os.PathLike, dtype: str = "float32", remat: bool = 
     from grpo_jax.models import load_pretrained, load_tokenizer
 
     path = resolve_init(model)
-    transformer, params = load_pretrained(path, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
+    transformer, params = load_pretrained(path, dtype=jnp.dtype(dtype))
     tokenizer = load_tokenizer(path)
     if len(tokenizer) > transformer.config.vocab_size:  # its ids would index past the embedding table
         raise ValueError(
