@@ -633,11 +633,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sweep_values", default=None,
                    help='points of the sweep, e.g. "group_size=2,8,32 max_new_tokens=32,128" (default: all of SWEEPS)')
     args = p.parse_args(argv)
-    if args.cpu_devices is not None:  # before anything starts JAX's backend (default_backend below does)
-        try:
-            args.cpu_devices = use_cpu_devices(args.cpu_devices)
-        except ValueError as e:
-            p.error(str(e))
+    try:  # before anything starts JAX's backend (default_backend below does)
+        args.cpu_devices = use_cpu_devices(args.cpu_devices)
+    except ValueError as e:
+        p.error(str(e))
     if args.min_new_tokens is None:
         args.min_new_tokens = args.max_new_tokens
     if args.peak_size is None:

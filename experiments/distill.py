@@ -244,8 +244,7 @@ def main(argv=None) -> dict:
 
     args = parse_args(argv)
     try:
-        if args.cpu_devices is not None:
-            use_cpu_devices(args.cpu_devices)
+        use_cpu_devices(args.cpu_devices)
         summary = distill(make_plan(args), args.output_dir, overwrite=args.overwrite)
     except (ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError) as error:
         sys.exit(f"error: {error}")

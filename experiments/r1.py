@@ -71,8 +71,7 @@ def run(args: argparse.Namespace) -> dict:
     from grpo_jax.sharding import use_cpu_devices
     from grpo_jax.trainer import evaluate_checkpoint, train
 
-    if args.cpu_devices is not None:
-        use_cpu_devices(args.cpu_devices)
+    use_cpu_devices(args.cpu_devices)
     preset = PRESETS[args.preset]
     out = lambda name: os.path.join(args.output_dir, name)  # noqa: E731
     recipe = lambda *flags: r1zero.config_for("default", args.seed, *preset["r1zero_flags"], *flags)  # noqa: E731

@@ -210,8 +210,7 @@ def main(argv=None) -> dict:
 def run(args: argparse.Namespace) -> dict:
     from grpo_jax.sharding import initialize_distributed, use_cpu_devices
 
-    if args.cpu_devices is not None:
-        use_cpu_devices(args.cpu_devices)
+    use_cpu_devices(args.cpu_devices)
     initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     config = build_config(args)
     if args.eval_only:

@@ -52,8 +52,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     fields = {k: v for k, v in vars(args).items() if k not in ("init_from", "cpu_devices")}
     try:
-        if args.cpu_devices is not None:
-            use_cpu_devices(args.cpu_devices)
+        use_cpu_devices(args.cpu_devices)
         summary = run_sft(SFTRunConfig(model=args.init_from, **fields))
     except (ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError) as error:
         sys.exit(f"error: {error}")

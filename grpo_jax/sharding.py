@@ -245,9 +245,10 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
     jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
 
 
-def use_cpu_devices(count: int) -> int:
+def use_cpu_devices(count: int | None) -> int | None:
     """Split this host's CPU into `count` JAX devices (0: one per core this process may use); returns
-    the count. Call it before any JAX operation: the CPU backend reads it once, when it starts.
+    the count. Call it before any JAX operation: the CPU backend reads it once, when it starts. None
+    (a script's `--cpu_devices` not given) leaves JAX's default of one device.
 
     Why: a decode step is a chain of ops mostly too small to split over cores, so XLA:CPU runs them one
     at a time with the other cores idle. A mesh's `data` axis over `count` CPU devices gives each core
@@ -256,6 +257,8 @@ def use_cpu_devices(count: int) -> int:
     batch (losses, gradients) are reduced across devices, so results agree with one device up to float
     rounding.
     """
+    if count is None:
+        return None
     if count < 0:
         raise ValueError(f"cpu_devices must be >= 0 (0: one per core), got {count}")
     if count == 0:  # the cores this process may run on (macOS has no affinity: all of them)

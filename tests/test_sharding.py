@@ -262,12 +262,13 @@ def test_single_process_helpers():
 
 def test_cpu_devices_split_the_host_before_jax_starts():
     """use_cpu_devices wins over XLA_FLAGS' device count when called first; later, a different count is
-    one clear error and the same count is a no-op (this process started with 8 devices)."""
+    one clear error, the same count and None (a flag not given) are no-ops (this process started with 8
+    devices)."""
     script = "from grpo_jax.sharding import use_cpu_devices; import jax; use_cpu_devices(2); print(jax.device_count())"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split()[-1] == "2"
-    assert jax.device_count() == 8 and use_cpu_devices(8) == 8
+    assert jax.device_count() == 8 and use_cpu_devices(8) == 8 and use_cpu_devices(None) is None
     with pytest.raises(ValueError, match="already started with 8; call use_cpu_devices .* before any JAX operation"):
         use_cpu_devices(2)
     with pytest.raises(ValueError, match="must be >= 0"):
