@@ -187,7 +187,7 @@ def measure_bandwidth_gbs(megabytes: int = 1024, repeats: int = 5) -> float:
     """Memory read bandwidth in GB/s: a jitted sum over a float32 array of `megabytes`, best of `repeats`.
 
     A read, because the rollout's bytes are reads (weights, KV cache). A copy is no ceiling for them: it
-    writes as much as it reads, and each line it writes is fetched first; it measured 3-4x below this on
+    writes as much as it reads, and each line it writes is fetched first; it measured 2-4x below this on
     the CPU of docs/benchmarks.md. Make the array larger than the last-level cache."""
     x = jax.random.normal(jax.random.key(1), (megabytes * 2**18,), jnp.float32)
     return x.nbytes / _best_time(jax.jit(jnp.sum), x, repeats=repeats) / 1e9

@@ -207,9 +207,9 @@ def cached_attention(q, k, v, mask):
     transposed keys [hd, S], then weights the values [S, hd]. On XLA:CPU with a head dim >= 32 the scores
     are a multiply-and-reduce over hd, which it runs as a loop vectorized along the slots; a shorter head
     dim reduces poorly that way, and there the batched dot wins (measured per shape in
-    docs/benchmarks.md, P1 and P10). Elsewhere the batched dot always wins: on an H100 the
-    multiply-and-reduce made the whole rollout 1.7x slower (P12). Longer queries (a prefill, once per
-    rollout) go through `attention`.
+    docs/benchmarks.md, P1 and P10). Elsewhere the batched dot: on an H100 the multiply-and-reduce made
+    the rollout 1.5-1.7x slower (P12; TPUs not measured). Longer queries (a prefill, once per rollout) go
+    through `attention`.
     """
     b, t, hq, hd = q.shape
     if t > 1:
