@@ -54,6 +54,7 @@ from grpo_jax import rollout
 from grpo_jax.sharding import (
     add_cpu_devices_flag,
     batch_sharding,
+    batch_shards,
     check_batch_divisible,
     make_mesh,
     opt_state_shardings,
@@ -293,7 +294,8 @@ class GRPOStep:
             num_samples=w.group_size, max_new_tokens=w.max_new_tokens, temperature=1.0, eos_ids=tuple(eos),
             min_new_tokens=args.min_new_tokens,
         )
-        self.generate = rollout.make_generate_fn(model, sampling)
+        self.generate = rollout.make_generate_fn(
+            model, sampling, done_check_every=rollout.done_check_interval(batch_shards(self.mesh)))
         optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-5))
         grpo = GRPOConfig(beta=w.beta, num_iterations=w.num_iterations, num_minibatches=w.num_minibatches,
                           num_microbatches=w.num_microbatches)
@@ -306,7 +308,8 @@ class GRPOStep:
         )
         self.state = jax.device_put(state, state_shardings)
         self.ref_params = jax.tree.map(jnp.copy, params) if w.beta > 0 else None
-        self.update = make_update_fn(model, grpo, optimizer, jit_kwargs=dict(out_shardings=(state_shardings, replicated)))
+        self.update = make_update_fn(model, grpo, optimizer, jit_kwargs=dict(out_shardings=(state_shardings, replicated)),
+                                     mesh=self.mesh)
         self.rng = np.random.default_rng(args.seed)
         self.key = jax.random.key(args.seed)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import math
 from collections.abc import Sequence
 
 import jax
@@ -22,7 +21,7 @@ from tqdm.auto import tqdm
 from grpo_jax import rewards
 from grpo_jax.data import Task, batch_columns, render_prompt
 from grpo_jax.rollout import generate, stop_sequences_for, truncate_at_stop
-from grpo_jax.sharding import BATCH_AXES, batch_sharding, put_global, to_host
+from grpo_jax.sharding import batch_sharding, batch_shards, put_global, to_host
 from grpo_jax.text import decode_completions, encode_prompts
 
 STOP_STRINGS = ("</answer>",)
@@ -75,7 +74,7 @@ def sample_completions(model, params, tokenizer, prompts: Sequence[str], *, num_
     stops = stop_sequences_for(tokenizer, STOP_STRINGS)
     width = prompt_width or max(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)
     # No bigger than needed, and a multiple of the data-parallel size so each batch splits evenly.
-    shards = 1 if mesh is None else math.prod(mesh.shape[axis] for axis in BATCH_AXES)
+    shards = batch_shards(mesh)
     batch_size = -(-min(batch_size, len(prompts)) // shards) * shards
     completions: list[str] = []
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):

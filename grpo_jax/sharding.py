@@ -197,9 +197,14 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
 
 
+def batch_shards(mesh: Mesh | None) -> int:
+    """How many pieces a batch's rows are split into: data * fsdp (1 without a mesh)."""
+    return 1 if mesh is None else math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
 def check_batch_divisible(global_batch: int, mesh: Mesh, what: str = "global batch") -> None:
     """One clear error when a batch cannot be split evenly over the mesh's data axes."""
-    shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    shards = batch_shards(mesh)
     if global_batch % shards:
         raise ValueError(
             f"{what} {global_batch} is not divisible by data*fsdp = {shards} (mesh "

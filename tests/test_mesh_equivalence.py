@@ -7,10 +7,11 @@ import pytest
 from grpo_jax.grpo import GRPOConfig, TrainBatch, TrainState, make_update_fn
 from grpo_jax.models import ModelConfig, Transformer
 from grpo_jax.optim import OptimizerConfig, make_optimizer
-from grpo_jax.rollout import SamplingConfig, make_generate_fn
+from grpo_jax.rollout import SamplingConfig, done_check_interval, make_generate_fn
 from grpo_jax.sharding import (
     MeshConfig,
     batch_sharding,
+    batch_shards,
     make_mesh,
     opt_state_shardings,
     param_shardings,
@@ -24,8 +25,8 @@ MESHES = [(8, 1, 1), (2, 2, 2), (1, 1, 8), (1, 8, 1)]
 ROWS, PROMPT, NEW = 16, 8, 8
 MODEL = Transformer(CONFIG)
 OPTIMIZER = make_optimizer(OptimizerConfig(learning_rate=1e-3))
-GRPO = GRPOConfig(beta=0.04, num_minibatches=2)
-SAMPLING = SamplingConfig(num_samples=2, max_new_tokens=NEW, temperature=0.0)
+GRPO = GRPOConfig(beta=0.04, num_microbatches=2)  # micro-batches of 8 rows: summed per data replica
+SAMPLING = SamplingConfig(num_samples=2, max_new_tokens=NEW, temperature=0.0, eos_ids=(3, 7, 11))
 
 
 def inputs():
@@ -58,9 +59,9 @@ def run(mesh):
                                      step=replicated(mesh))
         state = jax.device_put(state, state_shardings)
         jit_kwargs = dict(out_shardings=(state_shardings, replicated(mesh)))
-    tokens = make_generate_fn(MODEL, SAMPLING)(state.params, batch["prompt_tokens"], batch["prompt_mask"],
-                                               jax.random.key(1)).tokens
-    update = make_update_fn(MODEL, GRPO, OPTIMIZER, jit_kwargs=jit_kwargs)
+    generate = make_generate_fn(MODEL, SAMPLING, done_check_every=done_check_interval(batch_shards(mesh)))
+    tokens = generate(state.params, batch["prompt_tokens"], batch["prompt_mask"], jax.random.key(1)).tokens
+    update = make_update_fn(MODEL, GRPO, OPTIMIZER, jit_kwargs=jit_kwargs, mesh=mesh)
     state, metrics = update(state, ref_params, TrainBatch(**batch))
     return float(metrics["loss"]), state.params["layers"]["wq"], np.asarray(tokens)
 

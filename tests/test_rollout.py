@@ -288,6 +288,26 @@ def test_growing_the_cache_in_phases_changes_no_sample(tiny_model):
 
 
 @pytest.mark.parametrize("tiny_model", ["qwen2"], indirect=True)
+def test_testing_done_every_few_steps_changes_no_sample(tiny_model):
+    """Whether every row is done, tested every 2 or 4 steps (across phase ends) instead of every step: the
+    steps run after the last row ended write padding only."""
+    model, params = tiny_model
+    prompts, mask = rollout.pad_to_bucket(*left_padded([3, 7, 5], model.config.vocab_size, seed=1))
+    settings = SamplingConfig(num_samples=4, max_new_tokens=30, temperature=1.0, eos_ids=tuple(range(3, 20)))
+    outs = [make_generate_fn(model, settings, min_phase_tokens=3, done_check_every=k)(params, prompts, mask,
+                                                                                     jax.random.key(3))
+            for k in (1, 2, 4)]
+    lengths = np.asarray(outs[0].lengths)
+    assert lengths.max() + 4 <= 30 and len(set(lengths)) > 3, f"every row should end early, apart: {lengths}"
+    for out in outs[1:]:
+        for field in ("tokens", "mask", "logps", "lengths"):
+            np.testing.assert_array_equal(np.asarray(getattr(out, field)), np.asarray(getattr(outs[0], field)))
+    assert rollout.done_check_interval(1) == 1 and rollout.done_check_interval(2) == rollout.DONE_CHECK_EVERY
+    with pytest.raises(ValueError, match="done_check_every must be an integer >= 1"):
+        make_generate_fn(model, settings, done_check_every=0)
+
+
+@pytest.mark.parametrize("tiny_model", ["qwen2"], indirect=True)
 def test_sharded_over_a_data_mesh_gives_the_same_rollout(tiny_model):
     model, params = tiny_model
     prompts, mask = rollout.pad_to_bucket(*left_padded([3, 7], model.config.vocab_size))
@@ -299,10 +319,16 @@ def test_sharded_over_a_data_mesh_gives_the_same_rollout(tiny_model):
     key = jax.random.key(2)
 
     sharded = sharded_fn(params, prompts, mask, key)
-    plain = generate(model, params, prompts, key, prompt_mask=mask, num_samples=3, max_new_tokens=6, temperature=0.8)
+    sampling = dict(num_samples=3, max_new_tokens=6, temperature=0.8)
+    plain = generate(model, params, prompts, key, prompt_mask=mask, **sampling)
     assert sharded.tokens.sharding.is_equivalent_to(rows, 2)
     np.testing.assert_array_equal(np.asarray(sharded.tokens), np.asarray(plain.tokens))
     np.testing.assert_allclose(np.asarray(sharded.logps), np.asarray(plain.logps), atol=1e-5)
+    # `generate` on rows already split over the mesh tests for the end every DONE_CHECK_EVERY steps.
+    split_prompts, split_mask = jax.device_put(prompts, rows), jax.device_put(mask, rows)
+    assert rollout._row_shards(split_prompts) == 2 and rollout._row_shards(prompts) == 1
+    split = generate(model, params, split_prompts, key, prompt_mask=split_mask, **sampling)
+    np.testing.assert_array_equal(np.asarray(split.tokens), np.asarray(plain.tokens))
 
 
 def test_settings_normalize_single_token_stops_into_eos():

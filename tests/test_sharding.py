@@ -1,6 +1,7 @@
 """Mesh construction, parameter/batch/cache sharding, and the multi-host helpers (8 CPU devices)."""
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -289,7 +290,7 @@ TWO_PROCESS_SCRIPT = textwrap.dedent("""
         x = host_to_global(rows[local], batch_sharding(mesh, 2), (16, 3))
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         total = jax.jit(lambda a: (a * a).sum(), out_shardings=replicated)(x)
-        print(f"{axes} {local.start} {local.stop} {float(total)} {is_main_process()}", flush=True)
+        print(f"ROWS {axes} {local.start} {local.stop} {float(total)} {is_main_process()}", flush=True)
     jax.distributed.shutdown()
 """)
 
@@ -315,7 +316,8 @@ def test_two_processes_assemble_one_global_batch(tmp_path):
         "(4, 1, 2)": [(0, 8), (8, 16)],
     }
     for process, (out, _) in enumerate(outputs):
-        lines = [line.rsplit(" ", 4) for line in out.splitlines() if line.startswith("(")]  # not gloo's logs
+        # Found anywhere in the output: gloo writes its own logs to stdout, at times mid-line.
+        lines = re.findall(r"ROWS (\([\d, ]+\)) (\d+) (\d+) (\S+) (True|False)", out)
         assert len(lines) == 3, out
         for axes, start, stop, total, main in lines:
             assert (int(start), int(stop)) == expected_rows[axes][process]
