@@ -6,6 +6,7 @@ One compiled program does all the device work of a rollout:
   2. `cache.repeat(G)` so the G samples of a prompt share that prefill (row i*G + j is sample j of prompt i);
   3. `lax.while_loop`s that sample one token per row per step and stop as soon as every row is done: one
      loop per phase (`decode_phases`), the cache grown between them, so a step reads few unfilled slots.
+     With the rows split over devices "every row is done" is tested every 8 steps (`done_check_every`).
 
 The cache and the output buffers are created inside the program and carried by the loop, so XLA updates
 them in place; nothing returns to the host until the rollout is complete.

@@ -242,10 +242,11 @@ def test_micro_batched_minibatches_match(adam_update):
                                    err_msg=name)
 
 
-@pytest.mark.parametrize("axes", [(4, 1, 1), (2, 2, 1)], ids=["data4", "data2xfsdp2"])
+@pytest.mark.parametrize("axes", [(4, 1, 1), (2, 2, 1), (8, 1, 1)], ids=["data4", "data2xfsdp2", "data8"])
 def test_micro_batch_gradients_summed_per_replica_match_one_device(adam_update, axes):
     """On a mesh the update sums each data replica's micro-batch gradients on its own devices and adds the
-    replicas' sums once per optimizer step (`UpdateFn._per_replica`): the same step as on one device."""
+    replicas' sums once per optimizer step (`UpdateFn._per_replica`): the same step as on one device.
+    With data=8 a micro-batch's 4 rows do not split over the replicas: the update sums as one device does."""
     _, optimizer = adam_update
     config = dataclasses.replace(ADAM_CONFIG, num_microbatches=2)
     params, ref_params = init_params(jax.random.key(2), 0.3), init_params(jax.random.key(3), 0.3)
@@ -253,7 +254,7 @@ def test_micro_batch_gradients_summed_per_replica_match_one_device(adam_update, 
     state, metrics = make_update_fn(MODEL, config, optimizer)(
         TrainState.create(copy_tree(params), optimizer), ref_params, batch)
 
-    mesh = make_mesh(MeshConfig(*axes), jax.devices()[:4])
+    mesh = make_mesh(MeshConfig(*axes), jax.devices()[: math.prod(axes)])
     shardings = param_shardings(MODEL, mesh)
     mesh_state = TrainState.create(copy_tree(params), optimizer)
     state_shardings = TrainState(params=shardings, opt_state=opt_state_shardings(mesh_state.opt_state, shardings, mesh),
