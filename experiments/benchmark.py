@@ -387,27 +387,41 @@ def profile_step(step: GRPOStep, index: int, out_dir: str) -> dict:
     return dict(trace=trace, **{k: record[k] for k in ("step_s", "rollout_s", "update_s")}, **summarize_trace(trace))
 
 
+COLLECTIVE_OPS = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
+
+
 def summarize_trace(path: str, top: int = 12) -> dict:
-    """Where a traced step's time went, per compiled program: how long each thread ran its ops, and the
-    ops with the most time in all. Threads busy for much less than the program's wall time mean its ops
-    ran one at a time on a multi-threaded runtime (the update and the decode loop on XLA:CPU,
-    docs/benchmarks.md)."""
+    """Where a traced step's time went, per compiled program: how long each thread ran its ops, how long
+    it spent in collectives, and the ops with the most time in all. Threads busy for much less than the
+    program's wall time mean its ops ran one at a time on a multi-threaded runtime (the update and the
+    decode loop on XLA:CPU, docs/benchmarks.md); time in collectives on a CPU split into devices is mostly
+    one device waiting for the others (P13, P14)."""
     with gzip.open(path) as f:
         events = json.load(f)
     events = events["traceEvents"] if isinstance(events, dict) else events
-    op_us, spans = collections.Counter(), collections.defaultdict(list)
+    op_us, spans, collective_spans = collections.Counter(), collections.defaultdict(list), collections.defaultdict(list)
     for e in events:
         hlo = e.get("args", {})
         if e.get("ph") == "X" and "hlo_op" in hlo:  # an op of a compiled program, not a host annotation
             op_us[f"{hlo['hlo_module']}/{hlo['hlo_op']}"] += e["dur"]
-            spans[hlo["hlo_module"], e["tid"]].append((e["ts"], e["ts"] + e["dur"]))
-    busy = collections.defaultdict(list)
-    for (program, _), program_spans in spans.items():
-        busy[program].append(_covered_us(program_spans) / 1e3)
+            span = (e["ts"], e["ts"] + e["dur"])
+            spans[hlo["hlo_module"], e["tid"]].append(span)
+            if hlo["hlo_op"].startswith(COLLECTIVE_OPS):
+                collective_spans[hlo["hlo_module"], e["tid"]].append(span)
+
+    def per_program_ms(spans_by_thread) -> dict[str, list[float]]:
+        ms = collections.defaultdict(list)
+        for (program, tid), thread_spans in spans_by_thread.items():
+            ms[program].append(_covered_us(thread_spans) / 1e3)
+        return ms
+
+    busy = per_program_ms(spans)
     total_ms = sum(map(sum, busy.values()))
-    busy = {program: ms for program, ms in busy.items() if sum(ms) >= 0.01 * total_ms}  # not the host's tiny jits
+    programs = [program for program, ms in busy.items() if sum(ms) >= 0.01 * total_ms]  # not the host's tiny jits
+    collective = per_program_ms(collective_spans)
     return {
-        "thread_busy_ms": {program: sorted((round(x, 1) for x in ms), reverse=True) for program, ms in busy.items()},
+        "thread_busy_ms": {p: sorted((round(x, 1) for x in busy[p]), reverse=True) for p in programs},
+        "collective_ms": {p: sorted((round(x, 1) for x in collective.get(p, [])), reverse=True) for p in programs},
         "top_ops_ms": {name: round(us / 1e3, 1) for name, us in op_us.most_common(top)},
     }
 
