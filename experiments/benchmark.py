@@ -57,7 +57,6 @@ from grpo_jax.sharding import (
     batch_shards,
     check_batch_divisible,
     make_mesh,
-    opt_state_shardings,
     param_shardings,
     parse_mesh,
     shard_params,
@@ -303,9 +302,7 @@ class GRPOStep:
         params = shard_params(params, shardings)
         replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         state = TrainState.create(params, optimizer)
-        state_shardings = TrainState(
-            params=shardings, opt_state=opt_state_shardings(state.opt_state, shardings, self.mesh), step=replicated
-        )
+        state_shardings = state.shardings(model, self.mesh)
         self.state = jax.device_put(state, state_shardings)
         self.ref_params = jax.tree.map(jnp.copy, params) if w.beta > 0 else None
         self.update = make_update_fn(model, grpo, optimizer, jit_kwargs=dict(out_shardings=(state_shardings, replicated)),

@@ -52,7 +52,6 @@ from grpo_jax.sharding import (
     host_to_global,
     is_main_process,
     make_mesh,
-    opt_state_shardings,
     param_shardings,
     parse_mesh,
     process_local_slice,
@@ -164,11 +163,7 @@ class Trainer:
         self.param_shardings = param_shardings(self.model, self.mesh)
         params = shard_params(params, self.param_shardings)
         state = TrainState.create(params, self.optimizer)
-        self.state_shardings = TrainState(
-            params=self.param_shardings,
-            opt_state=opt_state_shardings(state.opt_state, self.param_shardings, self.mesh),
-            step=replicated(self.mesh),
-        )
+        self.state_shardings = state.shardings(self.model, self.mesh)
         self.state = jax.device_put(state, self.state_shardings)
         # The reference starts as a copy of the initial policy (a frozen copy: the state is donated).
         self.ref_params = jax.tree.map(jnp.copy, params) if cfg.grpo.beta > 0 else None

@@ -13,7 +13,6 @@ from grpo_jax.sharding import (
     batch_sharding,
     batch_shards,
     make_mesh,
-    opt_state_shardings,
     param_shardings,
     replicated,
     shard_params,
@@ -55,8 +54,7 @@ def run(mesh):
         batch = {k: jax.device_put(v, batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
     state = TrainState.create(params, OPTIMIZER)
     if mesh is not None:
-        state_shardings = TrainState(params=shardings, opt_state=opt_state_shardings(state.opt_state, shardings, mesh),
-                                     step=replicated(mesh))
+        state_shardings = state.shardings(MODEL, mesh)
         state = jax.device_put(state, state_shardings)
         jit_kwargs = dict(out_shardings=(state_shardings, replicated(mesh)))
     generate = make_generate_fn(MODEL, SAMPLING, done_check_every=done_check_interval(batch_shards(mesh)))

@@ -19,15 +19,7 @@ import pytest
 from grpo_jax.grpo import GRPOConfig, TrainBatch, TrainState, group_advantages, grpo_loss, make_update_fn
 from grpo_jax.models import ModelConfig, Transformer
 from grpo_jax.optim import OptimizerConfig, learning_rate_schedule, make_optimizer
-from grpo_jax.sharding import (
-    MeshConfig,
-    batch_sharding,
-    make_mesh,
-    opt_state_shardings,
-    param_shardings,
-    replicated,
-    shard_params,
-)
+from grpo_jax.sharding import MeshConfig, batch_sharding, make_mesh, replicated, shard_params
 
 MODEL = Transformer(
     ModelConfig(
@@ -255,15 +247,13 @@ def test_micro_batch_gradients_summed_per_replica_match_one_device(adam_update, 
         TrainState.create(copy_tree(params), optimizer), ref_params, batch)
 
     mesh = make_mesh(MeshConfig(*axes), jax.devices()[: math.prod(axes)])
-    shardings = param_shardings(MODEL, mesh)
     mesh_state = TrainState.create(copy_tree(params), optimizer)
-    state_shardings = TrainState(params=shardings, opt_state=opt_state_shardings(mesh_state.opt_state, shardings, mesh),
-                                 step=replicated(mesh))
+    state_shardings = mesh_state.shardings(MODEL, mesh)
     mesh_state = jax.device_put(mesh_state, state_shardings)
     mesh_update = make_update_fn(MODEL, config, optimizer, mesh=mesh,
                                  jit_kwargs=dict(out_shardings=(state_shardings, replicated(mesh))))
     mesh_batch = jax.tree.map(lambda x: jax.device_put(x, batch_sharding(mesh, x.ndim)), batch)
-    mesh_state, mesh_metrics = mesh_update(mesh_state, shard_params(ref_params, shardings), mesh_batch)
+    mesh_state, mesh_metrics = mesh_update(mesh_state, shard_params(ref_params, state_shardings.params), mesh_batch)
     np.testing.assert_allclose(flat(mesh_state.params), flat(state.params), rtol=1e-5, atol=1e-6)
     for name in metrics:
         np.testing.assert_allclose(float(mesh_metrics[name]), float(metrics[name]), rtol=1e-4, atol=1e-7,
