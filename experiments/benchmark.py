@@ -54,7 +54,6 @@ from grpo_jax import rollout
 from grpo_jax.sharding import (
     add_cpu_devices_flag,
     batch_sharding,
-    batch_shards,
     check_batch_divisible,
     make_mesh,
     param_shardings,
@@ -293,8 +292,7 @@ class GRPOStep:
             num_samples=w.group_size, max_new_tokens=w.max_new_tokens, temperature=1.0, eos_ids=tuple(eos),
             min_new_tokens=args.min_new_tokens,
         )
-        self.generate = rollout.make_generate_fn(
-            model, sampling, done_check_every=rollout.done_check_interval(batch_shards(self.mesh)))
+        self.generate = rollout.make_generate_fn(model, sampling, mesh=self.mesh)
         optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-5))
         grpo = GRPOConfig(beta=w.beta, num_iterations=w.num_iterations, num_minibatches=w.num_minibatches,
                           num_microbatches=w.num_microbatches)

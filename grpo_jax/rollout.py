@@ -6,7 +6,8 @@ One compiled program does all the device work of a rollout:
   2. `cache.repeat(G)` so the G samples of a prompt share that prefill (row i*G + j is sample j of prompt i);
   3. `lax.while_loop`s that sample one token per row per step and stop as soon as every row is done: one
      loop per phase (`decode_phases`), the cache grown between them, so a step reads few unfilled slots.
-     With the rows split over devices "every row is done" is tested every 8 steps (`done_check_every`).
+     On a mesh split over `data`, each replica runs its own loops on its own rows (`_per_data_replica`);
+     with rows split otherwise, "every row is done" is tested every 8 steps (`done_check_every`).
 
 The cache and the output buffers are created inside the program and carried by the loop, so XLA updates
 them in place; nothing returns to the host until the rollout is complete.
@@ -19,8 +20,8 @@ prompts of many lengths compiles the sampler once per bucket. `trace_count()` co
                    temperature=1.0, eos_ids=(eos,), stop_sequences=stop_sequences_for(tok, ["</answer>"]))
     out.tokens, out.mask, out.logps, out.lengths   # [B*G, N], [B*G, N], [B*G, N], [B*G]
 
-For a mesh, build the program yourself and add shardings:
-`make_generate_fn(model, SamplingConfig(...), jit_kwargs=dict(in_shardings=..., out_shardings=...))`.
+`generate` follows the prompts' placement (put them on a mesh with `sharding.batch_sharding`). To build
+the program yourself: `make_generate_fn(model, SamplingConfig(...), mesh=mesh)`.
 """
 
 from __future__ import annotations
@@ -34,8 +35,11 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from grpo_jax.models.transformer import KVCache, Transformer, positions_from_mask, unstack_layers
+from grpo_jax.sharding import batch_shards
 
 _MIN_PROMPT_BUCKET = 16
 MIN_PHASE_TOKENS = 64
@@ -120,9 +124,11 @@ def _require_int(value, name: str, minimum: int) -> None:
 # ---------------------------------------------------------------------------------------------- sampling
 
 
-def _row_keys(key: jax.Array, num_prompts: int, num_samples: int) -> jax.Array:
-    """One key per row from (prompt index, sample index): a row's randomness ignores the rest of the batch."""
-    prompt_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(num_prompts))
+def _row_keys(key: jax.Array, num_prompts: int, num_samples: int, first_prompt: jax.Array | int = 0) -> jax.Array:
+    """One key per row from (prompt index, sample index): a row's randomness ignores the rest of the batch.
+
+    `first_prompt` is the batch-wide index of the first of these prompts (a device holding a slice)."""
+    prompt_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, first_prompt + jnp.arange(num_prompts))
     sample_ids = jnp.arange(num_samples)
     row_keys = jax.vmap(lambda k: jax.vmap(jax.random.fold_in, (None, 0))(k, sample_ids))(prompt_keys)
     return row_keys.reshape((num_prompts * num_samples,) + row_keys.shape[2:])
@@ -218,24 +224,30 @@ def make_generate_fn(
     settings: SamplingConfig,
     jit_kwargs: dict | None = None,
     min_phase_tokens: int = MIN_PHASE_TOKENS,
-    done_check_every: int = 1,
+    done_check_every: int | None = None,
+    mesh: Mesh | None = None,
 ) -> Callable[[dict, jax.Array, jax.Array, jax.Array], Rollout]:
     """The compiled sampler `fn(params, prompts [B, P] int32, prompt_mask [B, P], key) -> Rollout`.
 
-    A pure function of arrays: pass `jit_kwargs` (in_shardings / out_shardings, ...) to place it on a
-    mesh, and `done_check_every=done_check_interval(rows split over N devices)` with it. Prompts must
-    already be left-padded; P is static, so bucket it (see `generate`).
-    `min_phase_tokens` sets how the KV cache grows (`decode_phases`); it changes speed; results agree up to float rounding.
-    `done_check_every` > 1 tests whether every row is done only every that many steps (`_decode_until`);
-    it changes speed, never results.
+    A pure function of arrays; prompts must already be left-padded, and P is static, so bucket it (see
+    `generate`). On a mesh, pass it as `mesh` and place the inputs (params by `param_shardings`, prompts by
+    `batch_sharding`): split over `data` alone, each replica decodes its own prompts in its own loops
+    (`_per_data_replica`, B divisible by `data`); otherwise the rows are tested for the end every few steps.
+    Further `jax.jit` arguments (in_shardings / out_shardings, ...) go in `jit_kwargs`.
+    `min_phase_tokens` sets how the KV cache grows (`decode_phases`); it changes speed; results agree up to
+    float rounding. `done_check_every` (default: from `mesh`) tests whether every row is done only every
+    that many steps (`_decode_until`); it changes speed, never results.
     """
+    per_replica = _splits_over_data_alone(mesh)
+    if done_check_every is None:
+        done_check_every = done_check_interval(1 if per_replica else batch_shards(mesh))
     _require_int(done_check_every, "done_check_every", minimum=1)
     settings.check_vocab(model.config.vocab_size)
     s, n, g = settings, settings.max_new_tokens, settings.num_samples
     pad_id = model.config.pad_token_id or 0
     stop_window = max((len(seq) for seq in s.stop_sequences), default=1)
 
-    def generate_fn(params, prompts, prompt_mask, key) -> Rollout:
+    def generate_fn(params, prompts, prompt_mask, key, first_prompt=0) -> Rollout:
         global _trace_counter
         _trace_counter += 1
         b, p = prompts.shape
@@ -252,7 +264,7 @@ def make_generate_fn(
         # Token t of a row sits at position (#real prompt tokens) + t, as positions_from_mask gives the
         # training forward on concat(prompt, completion).
         prompt_lengths = jnp.repeat(prompt_mask.sum(axis=-1, dtype=jnp.int32), g)
-        keys = _row_keys(key, b, g)
+        keys = _row_keys(key, b, g, first_prompt)
 
         def sample_one(state):
             """Sample token `step` from the carried hidden state, then run it through the model.
@@ -281,7 +293,35 @@ def make_generate_fn(
             state = _decode_until(end, sample_one, state, done_check_every)
         return Rollout(tokens=state.tokens, mask=state.mask, logps=state.logps, lengths=state.mask.sum(axis=-1))
 
+    if per_replica:
+        generate_fn = _per_data_replica(generate_fn, mesh)
     return jax.jit(generate_fn, **(jit_kwargs or {}))
+
+
+def _splits_over_data_alone(mesh: Mesh | None) -> bool:
+    """Whether `mesh` has several devices, all along its `data` axis (where `_per_data_replica` applies)."""
+    return mesh is not None and mesh.shape.get("data", 1) > 1 and mesh.size == mesh.shape["data"]
+
+
+def _per_data_replica(generate_fn: Callable, mesh: Mesh) -> Callable:
+    """`generate_fn` run by each replica of the mesh's `data` axis on its own prompts, in loops of its own.
+
+    The loops test "every row is done" on the replica's rows only, so the replicas never wait for each
+    other until the rollout is complete (docs/benchmarks.md, P15). Row keys use the batch-wide prompt
+    index, so every sample equals one device's. Only for meshes split over `data` alone: with `fsdp` or
+    `tensor` left automatic inside, XLA's SPMD partitioner aborts the process on the embedding's gather
+    (jax 0.10.2), so those meshes keep one loop over all rows (`done_check_every`).
+    """
+    @functools.wraps(generate_fn)  # the compiled program keeps its name (profiles, traces)
+    def replica_fn(params, prompts, prompt_mask, key):
+        first_prompt = jax.lax.axis_index("data") * prompts.shape[0]
+        return generate_fn(params, prompts, prompt_mask, key, first_prompt)
+
+    rows = P("data")
+    # check_vma off: the loop state starts replicated (constants) and becomes per-replica (the samples); the
+    # body has no collective over `data` whose result that typing would guard.
+    return jax.shard_map(replica_fn, mesh=mesh, in_specs=(P(), rows, rows, P()), out_specs=rows,
+                         axis_names={"data"}, check_vma=False)
 
 
 def _decode_until(end: int, sample_one: Callable, state: _LoopState, check_every: int) -> _LoopState:
@@ -320,14 +360,20 @@ def decode_phases(max_new_tokens: int, min_phase: int = MIN_PHASE_TOKENS) -> tup
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_generate_fn(model: Transformer, settings: SamplingConfig, done_check_every: int):
-    return make_generate_fn(model, settings, done_check_every=done_check_every)
+def _cached_generate_fn(model: Transformer, settings: SamplingConfig, done_check_every: int, mesh: Mesh | None):
+    return make_generate_fn(model, settings, done_check_every=done_check_every, mesh=mesh)
 
 
 def _row_shards(prompts) -> int:
     """Into how many pieces a (sharded) jax.Array's rows are split; 1 for host arrays."""
     sharding = getattr(prompts, "sharding", None)
     return 1 if sharding is None else prompts.shape[0] // sharding.shard_shape(prompts.shape)[0]
+
+
+def _replica_mesh(prompts) -> Mesh | None:
+    """The mesh of prompts placed on a mesh split over `data` alone (one decode loop per replica), else None."""
+    mesh = getattr(getattr(prompts, "sharding", None), "mesh", None)
+    return mesh if isinstance(mesh, Mesh) and _splits_over_data_alone(mesh) else None
 
 
 # ---------------------------------------------------------------------------------------------- host API
@@ -417,9 +463,10 @@ def generate(
     settings.check_vocab(model.config.vocab_size)
     _check_key(key)
     prompts, prompt_mask = _check_prompts(model, prompts, prompt_mask, settings)
-    check_every = done_check_interval(_row_shards(prompts))
+    mesh = _replica_mesh(prompts)
+    check_every = done_check_interval(1 if mesh else _row_shards(prompts))
     prompts, prompt_mask = pad_to_bucket(prompts, prompt_mask, model.config.pad_token_id or 0)
-    return _cached_generate_fn(model, settings, check_every)(params, prompts, prompt_mask, key)
+    return _cached_generate_fn(model, settings, check_every, mesh)(params, prompts, prompt_mask, key)
 
 
 # ---------------------------------------------------------------------------------------------- stop strings

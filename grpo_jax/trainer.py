@@ -39,7 +39,6 @@ from grpo_jax.metrics import MetricsWriter, plot_metrics
 from grpo_jax.optim import OptimizerConfig, make_optimizer
 from grpo_jax.rollout import (
     SamplingConfig,
-    done_check_interval,
     make_generate_fn,
     stop_sequences_for,
     truncate_at_stop,
@@ -47,7 +46,6 @@ from grpo_jax.rollout import (
 from grpo_jax.runs import FINAL_DIR, export_policy, load_policy, prepare_output_dir, write_json
 from grpo_jax.sharding import (
     batch_sharding,
-    batch_shards,
     check_batch_divisible,
     host_to_global,
     is_main_process,
@@ -173,8 +171,7 @@ class Trainer:
             top_p=cfg.top_p, top_k=cfg.top_k, eos_ids=self.eos_ids,
             stop_sequences=stop_sequences_for(self.tokenizer, STOP_STRINGS),
         )
-        self.generate = make_generate_fn(
-            self.model, self.sampling, done_check_every=done_check_interval(batch_shards(self.mesh)))
+        self.generate = make_generate_fn(self.model, self.sampling, mesh=self.mesh)
         self.update = make_update_fn(
             self.model, cfg.grpo, self.optimizer,
             jit_kwargs=dict(out_shardings=(self.state_shardings, replicated(self.mesh))), mesh=self.mesh,

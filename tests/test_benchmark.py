@@ -105,9 +105,10 @@ def test_two_step_smoke_run_ends_with_json_report(capsys, tmp_path):
     assert os.path.exists(profile["trace"]) and profile["top_ops_ms"]
     assert {"jit_generate_fn", "jit__update"} <= set(profile["thread_busy_ms"])
     assert max(profile["thread_busy_ms"]["jit__update"]) > 0 and profile["update_s"] > 0
-    # The 8 test devices form a data mesh: the update's gradients are all-reduced, the rollout's done test too.
+    # The 8 test devices form a data mesh: the update's gradients are all-reduced; each replica decodes its own
+    # rows in loops of its own, so the rollout has no collective at all.
     assert set(profile["collective_ms"]) == set(profile["thread_busy_ms"])
-    assert sum(profile["collective_ms"]["jit__update"]) > 0 and sum(profile["collective_ms"]["jit_generate_fn"]) > 0
+    assert sum(profile["collective_ms"]["jit__update"]) > 0 and sum(profile["collective_ms"]["jit_generate_fn"]) == 0
 
 
 def test_covered_time_counts_overlapping_spans_once():

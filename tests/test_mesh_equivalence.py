@@ -7,11 +7,10 @@ import pytest
 from grpo_jax.grpo import GRPOConfig, TrainBatch, TrainState, make_update_fn
 from grpo_jax.models import ModelConfig, Transformer
 from grpo_jax.optim import OptimizerConfig, make_optimizer
-from grpo_jax.rollout import SamplingConfig, done_check_interval, make_generate_fn
+from grpo_jax.rollout import SamplingConfig, make_generate_fn
 from grpo_jax.sharding import (
     MeshConfig,
     batch_sharding,
-    batch_shards,
     make_mesh,
     param_shardings,
     replicated,
@@ -57,7 +56,7 @@ def run(mesh):
         state_shardings = state.shardings(MODEL, mesh)
         state = jax.device_put(state, state_shardings)
         jit_kwargs = dict(out_shardings=(state_shardings, replicated(mesh)))
-    generate = make_generate_fn(MODEL, SAMPLING, done_check_every=done_check_interval(batch_shards(mesh)))
+    generate = make_generate_fn(MODEL, SAMPLING, mesh=mesh)  # a decode loop per data replica
     tokens = generate(state.params, batch["prompt_tokens"], batch["prompt_mask"], jax.random.key(1)).tokens
     update = make_update_fn(MODEL, GRPO, OPTIMIZER, jit_kwargs=jit_kwargs, mesh=mesh)
     state, metrics = update(state, ref_params, TrainBatch(**batch))

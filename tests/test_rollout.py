@@ -309,26 +309,31 @@ def test_testing_done_every_few_steps_changes_no_sample(tiny_model):
 
 @pytest.mark.parametrize("tiny_model", ["qwen2"], indirect=True)
 def test_sharded_over_a_data_mesh_gives_the_same_rollout(tiny_model):
+    """One loop over rows split by GSPMD, one loop per data replica (rows ending at different steps on the
+    two replicas), and `generate` on prompts already on the mesh: all sample what one device samples."""
     model, params = tiny_model
-    prompts, mask = rollout.pad_to_bucket(*left_padded([3, 7], model.config.vocab_size))
-    settings = SamplingConfig(num_samples=3, max_new_tokens=6, temperature=0.8)
+    prompts, mask = rollout.pad_to_bucket(*left_padded([3, 7, 5, 4], model.config.vocab_size))
+    sampling = dict(num_samples=3, max_new_tokens=12, temperature=0.8, eos_ids=tuple(range(3, 20)))
+    settings = SamplingConfig(**sampling)
     mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     rows, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
-    sharded_fn = make_generate_fn(model, settings, min_phase_tokens=2, jit_kwargs=dict(  # the cache grows sharded
-        in_shardings=(replicated, rows, rows, replicated), out_shardings=rows))
     key = jax.random.key(2)
-
-    sharded = sharded_fn(params, prompts, mask, key)
-    sampling = dict(num_samples=3, max_new_tokens=6, temperature=0.8)
     plain = generate(model, params, prompts, key, prompt_mask=mask, **sampling)
-    assert sharded.tokens.sharding.is_equivalent_to(rows, 2)
-    np.testing.assert_array_equal(np.asarray(sharded.tokens), np.asarray(plain.tokens))
-    np.testing.assert_allclose(np.asarray(sharded.logps), np.asarray(plain.logps), atol=1e-5)
-    # `generate` on rows already split over the mesh tests for the end every DONE_CHECK_EVERY steps.
+    lengths = np.asarray(plain.lengths)
+    assert lengths[:6].max() < 12 == lengths[6:].max() and len(set(lengths)) > 3, lengths  # replica 0 stops early
+
+    gspmd = make_generate_fn(model, settings, min_phase_tokens=2, done_check_every=4, jit_kwargs=dict(
+        in_shardings=(replicated, rows, rows, replicated), out_shardings=rows))  # the cache grows sharded
+    per_replica = make_generate_fn(model, settings, min_phase_tokens=2, mesh=mesh)
     split_prompts, split_mask = jax.device_put(prompts, rows), jax.device_put(mask, rows)
-    assert rollout._row_shards(split_prompts) == 2 and rollout._row_shards(prompts) == 1
-    split = generate(model, params, split_prompts, key, prompt_mask=split_mask, **sampling)
-    np.testing.assert_array_equal(np.asarray(split.tokens), np.asarray(plain.tokens))
+    assert rollout._replica_mesh(split_prompts) is mesh and rollout._replica_mesh(prompts) is None
+    outs = [gspmd(params, prompts, mask, key), per_replica(params, split_prompts, split_mask, key),
+            generate(model, params, split_prompts, key, prompt_mask=split_mask, **sampling)]
+    for out in outs:
+        assert out.tokens.sharding.is_equivalent_to(rows, 2)
+        for field in ("tokens", "mask", "lengths"):
+            np.testing.assert_array_equal(np.asarray(getattr(out, field)), np.asarray(getattr(plain, field)))
+        np.testing.assert_allclose(np.asarray(out.logps), np.asarray(plain.logps), atol=1e-5)
 
 
 def test_settings_normalize_single_token_stops_into_eos():
