@@ -360,7 +360,8 @@ def decode_phases(max_new_tokens: int, min_phase: int = MIN_PHASE_TOKENS) -> tup
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_generate_fn(model: Transformer, settings: SamplingConfig, done_check_every: int, mesh: Mesh | None):
+def _cached_generate_fn(model: Transformer, settings: SamplingConfig, done_check_every: int | None,
+                        mesh: Mesh | None):
     return make_generate_fn(model, settings, done_check_every=done_check_every, mesh=mesh)
 
 
@@ -464,7 +465,7 @@ def generate(
     _check_key(key)
     prompts, prompt_mask = _check_prompts(model, prompts, prompt_mask, settings)
     mesh = _replica_mesh(prompts)
-    check_every = done_check_interval(1 if mesh else _row_shards(prompts))
+    check_every = None if mesh else done_check_interval(_row_shards(prompts))  # None: make_generate_fn's, from mesh
     prompts, prompt_mask = pad_to_bucket(prompts, prompt_mask, model.config.pad_token_id or 0)
     return _cached_generate_fn(model, settings, check_every, mesh)(params, prompts, prompt_mask, key)
 
