@@ -37,18 +37,23 @@ PRESETS = {
         max_new_tokens=96, max_prompt_len=256, temperature=1.0, learning_rate=1e-6, beta=0.04, warmup_steps=0,
         num_eval=8, eval_samples=2, eval_max_new_tokens=96, save_every=10,
     ),
-    # TPU pods: give --model (a Hugging Face directory on the VM) and --data; batches divide any v4/v5 slice.
+    # TPU pods: give --model (a Hugging Face directory on the VM) and --data. 1,024 / 2,048 rows per step and
+    # 128 per forward + backward (gradients accumulated over the micro-batches), since a micro-batch's
+    # activations are what must fit: at most 0.25 GB per row of 520 tokens in bfloat16 with remat (the whole
+    # H100 process of docs/benchmarks.md), i.e. ~0.4 TB for all 1,024 rows of 768 tokens at once. 128 rows
+    # cover slices of up to 128 chips (0.5B) or 512 (7B, fsdp groups of 4); on bigger ones lower
+    # --num_microbatches so that every chip keeps rows.
     "tpu-qwen2.5-0.5b": dict(
         base=None, task="gsm8k", template="r1zero", steps=500, prompts_per_step=64, group_size=16,
         max_new_tokens=512, max_prompt_len=256, temperature=1.0, learning_rate=1e-6, beta=0.04, warmup_steps=20,
         num_eval=500, eval_samples=4, eval_max_new_tokens=1024, save_every=50, dtype="bfloat16", remat=True,
-        mesh="data=1,fsdp=-1",
+        mesh="data=1,fsdp=-1", num_microbatches=8,
     ),
     "tpu-qwen2.5-7b": dict(
         base=None, task="gsm8k", template="r1zero", steps=500, prompts_per_step=128, group_size=16,
         max_new_tokens=1024, max_prompt_len=256, temperature=1.0, learning_rate=1e-6, beta=0.04, warmup_steps=20,
         num_eval=500, eval_samples=4, eval_max_new_tokens=1024, save_every=25, dtype="bfloat16", remat=True,
-        mesh="data=1,fsdp=-1,tensor=4",
+        mesh="data=1,fsdp=-1,tensor=4", num_microbatches=16,
     ),
 }
 
@@ -88,8 +93,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--scale_rewards", default="group", help="group | batch | none (Dr. GRPO)")
     p.add_argument("--num_iterations", type=int, default=1, help="μ: optimizer passes over each generation batch")
     p.add_argument("--num_minibatches", type=int, default=1, help="optimizer steps per pass")
-    p.add_argument("--num_microbatches", type=int, default=1,
-                   help="forward/backward passes per optimizer step, gradients accumulated (less memory, same result)")
+    p.add_argument("--num_microbatches", type=int,
+                   help="forward/backward passes per optimizer step, gradients accumulated (less memory, same "
+                        "result; default 1, the TPU presets 8 and 16)")
     p.add_argument("--dynamic_sampling", action="store_true", help="DAPO: drop groups whose rewards are all equal")
     p.add_argument("--ref_refresh_every", type=int, default=0, help="replace the reference with the policy every N steps")
     p.add_argument("--num_eval", type=int, help="held-out problems to evaluate on")
@@ -166,7 +172,7 @@ def build_config(args: argparse.Namespace):
         grpo=GRPOConfig(
             loss_type=args.loss_type, beta=pick("beta"), epsilon_low=args.epsilon_low, epsilon_high=args.epsilon_high,
             num_iterations=args.num_iterations, num_minibatches=args.num_minibatches,
-            num_microbatches=args.num_microbatches, temperature=temperature,
+            num_microbatches=pick("num_microbatches") or 1, temperature=temperature,
             max_completion_length=max_new_tokens, scale_rewards=args.scale_rewards,
             dynamic_sampling=args.dynamic_sampling,
         ),

@@ -1,5 +1,6 @@
 """End to end: `experiments/r1zero.py --preset smoke`, its outputs, exact resumption, preemption, multi-process."""
 
+import importlib.util
 import json
 import os
 import signal
@@ -172,3 +173,17 @@ def test_two_processes_log_the_same_step_1_loss_as_one(smoke_run, cache_dir, tmp
     assert record["step"] == 1
     for key in ("loss", "reward/mean", "kl", "grad_norm"):
         assert record[key] == pytest.approx(reference[key], rel=1e-5, abs=1e-7), key
+
+
+def test_tpu_presets_accumulate_gradients_over_micro_batches(tmp_path):
+    """Their 1,024 / 2,048 rows per step would not fit a pod's memory in one forward + backward."""
+    spec = importlib.util.spec_from_file_location("experiments_r1zero", SCRIPT)
+    r1zero = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(r1zero)
+    flags = ("--model", "/models/Qwen2.5", "--data", str(tmp_path))
+    for preset, microbatches in (("tpu-qwen2.5-0.5b", 8), ("tpu-qwen2.5-7b", 16)):
+        config = r1zero.config_for(preset, 0, *flags)
+        assert config.grpo.num_microbatches == microbatches
+        assert config.prompts_per_step * config.group_size // microbatches == 128
+    assert r1zero.config_for("tpu-qwen2.5-0.5b", 0, *flags, "--num_microbatches", "2").grpo.num_microbatches == 2
+    assert r1zero.config_for("smoke", 0).grpo.num_microbatches == 1
