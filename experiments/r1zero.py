@@ -144,7 +144,12 @@ def build_config(args: argparse.Namespace):
     from grpo_jax.trainer import TrainConfig
 
     preset = dict(PRESETS[args.preset])
-    pick = lambda name: getattr(args, name) if getattr(args, name) is not None else preset.get(name)  # noqa: E731
+
+    def pick(name, default=None):
+        """The flag when given, else the preset's value."""
+        value = getattr(args, name)
+        return value if value is not None else preset.get(name, default)
+
     max_new_tokens = pick("max_new_tokens")
     temperature = pick("temperature")
     check_data_flags(pick("task"), args.data)  # before building or loading any model
@@ -172,7 +177,7 @@ def build_config(args: argparse.Namespace):
         grpo=GRPOConfig(
             loss_type=args.loss_type, beta=pick("beta"), epsilon_low=args.epsilon_low, epsilon_high=args.epsilon_high,
             num_iterations=args.num_iterations, num_minibatches=args.num_minibatches,
-            num_microbatches=pick("num_microbatches") or 1, temperature=temperature,
+            num_microbatches=pick("num_microbatches", 1), temperature=temperature,
             max_completion_length=max_new_tokens, scale_rewards=args.scale_rewards,
             dynamic_sampling=args.dynamic_sampling,
         ),

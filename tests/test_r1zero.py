@@ -187,3 +187,5 @@ def test_tpu_presets_accumulate_gradients_over_micro_batches(tmp_path):
         assert config.prompts_per_step * config.group_size // microbatches == 128
     assert r1zero.config_for("tpu-qwen2.5-0.5b", 0, *flags, "--num_microbatches", "2").grpo.num_microbatches == 2
     assert r1zero.config_for("smoke", 0).grpo.num_microbatches == 1
+    with pytest.raises(ValueError, match="num_microbatches must be >= 1"):
+        r1zero.config_for("smoke", 0, "--num_microbatches", "0")
