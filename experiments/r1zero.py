@@ -39,10 +39,10 @@ PRESETS = {
     ),
     # TPU pods: give --model (a Hugging Face directory on the VM) and --data. 1,024 / 2,048 rows per step and
     # 128 per forward + backward (gradients accumulated over the micro-batches), since a micro-batch's
-    # activations are what must fit: at most 0.25 GB per row of 520 tokens in bfloat16 with remat (the whole
-    # H100 process of docs/benchmarks.md), i.e. ~0.4 TB for all 1,024 rows of 768 tokens at once. 128 rows
-    # cover slices of up to 128 chips (0.5B) or 512 (7B, fsdp groups of 4); on bigger ones lower
-    # --num_microbatches so that every chip keeps rows.
+    # activations are what must fit: at most 0.84 GiB per row of 640 tokens in bfloat16 with remat (26.9 GiB of
+    # update temporaries for 32 rows on the H100, docs/benchmarks.md), i.e. ~1 TiB for all 1,024 rows of 768
+    # tokens at once, ~130 GiB for 128. 128 rows cover slices of up to 128 chips (0.5B) or 512 (7B, fsdp
+    # groups of 4); on bigger ones lower --num_microbatches so that every chip keeps rows.
     "tpu-qwen2.5-0.5b": dict(
         base=None, task="gsm8k", template="r1zero", steps=500, prompts_per_step=64, group_size=16,
         max_new_tokens=512, max_prompt_len=256, temperature=1.0, learning_rate=1e-6, beta=0.04, warmup_steps=20,

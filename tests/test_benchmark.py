@@ -1,23 +1,17 @@
 """The performance harness (experiments/benchmark.py): FLOP formulas against XLA's own count, and a 2-step
 smoke run on a tiny random model whose last output line must be the JSON report. No timing assertions."""
 
-import importlib.util
 import json
 import os
-import pathlib
-import sys
 
 import jax
 import numpy as np
 import pytest
 
+import experiment_scripts
 from grpo_jax.models import Transformer
 
-_PATH = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "benchmark.py"
-_spec = importlib.util.spec_from_file_location("experiments_benchmark", _PATH)
-benchmark = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = benchmark  # dataclasses look their module up there
-_spec.loader.exec_module(benchmark)
+benchmark = experiment_scripts.load("benchmark")
 
 TINY = "vocab=64,hidden=32,ffn=64,layers=2,heads=4,kv_heads=2"
 

@@ -1,6 +1,5 @@
 """End to end: `experiments/r1zero.py --preset smoke`, its outputs, exact resumption, preemption, multi-process."""
 
-import importlib.util
 import json
 import os
 import signal
@@ -10,6 +9,8 @@ import sys
 import time
 
 import pytest
+
+import experiment_scripts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "experiments", "r1zero.py")
@@ -177,9 +178,7 @@ def test_two_processes_log_the_same_step_1_loss_as_one(smoke_run, cache_dir, tmp
 
 def test_tpu_presets_accumulate_gradients_over_micro_batches(tmp_path):
     """Their 1,024 / 2,048 rows per step would not fit a pod's memory in one forward + backward."""
-    spec = importlib.util.spec_from_file_location("experiments_r1zero", SCRIPT)
-    r1zero = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(r1zero)
+    r1zero = experiment_scripts.load("r1zero")
     flags = ("--model", "/models/Qwen2.5", "--data", str(tmp_path))
     for preset, microbatches in (("tpu-qwen2.5-0.5b", 8), ("tpu-qwen2.5-7b", 16)):
         config = r1zero.config_for(preset, 0, *flags)
