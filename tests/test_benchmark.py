@@ -92,6 +92,7 @@ def test_two_step_smoke_run_ends_with_json_report(capsys, tmp_path):
     for key in ("step_time_s", "rollout_tokens_per_s", "peak_rss_mb", "peak_gflops", "update_gflops", "rollout_gflops",
                 "peak_bandwidth_gbs", "rollout_bandwidth_gbs", "rollout_roofline_tokens_per_s"):
         assert report[key] > 0, key
+    assert report["peak_gflops"] == max(report["peak_gflops_readings"]) and len(report["peak_gflops_readings"]) == 2
     assert report["workload"]["num_minibatches"] == report["workload"]["num_microbatches"] == 2
     assert report["workload"]["remat"] is True
     assert report["machine"]["cpu_count"] >= 1 and report["machine"]["jax"] == jax.__version__

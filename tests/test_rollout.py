@@ -237,6 +237,22 @@ def test_top_k_top_p_sampling_fits_truncated_softmax(tiny_model):
     np.testing.assert_allclose(logps, ref_logps, atol=2e-5)
 
 
+def test_sampler_draws_the_tokens_jax_random_categorical_draws():
+    """`_categorical` (Gumbel-max with the argmax as two plain reductions, P16) is a speed change only:
+    for the same key, the same token as jax.random.categorical; `_first_argmax` is NumPy's argmax (the
+    first maximum) on ties and on rows that are -inf everywhere."""
+    logits = np.array(jax.random.normal(jax.random.key(0), (64, 50)))
+    logits[:, 7:20] = -np.inf  # what top-k / top-p and EOS suppression leave
+    logits[:8] = np.round(logits[:8])  # ties
+    keys = jax.random.split(jax.random.key(1), len(logits))
+    ours = jax.jit(jax.vmap(rollout._categorical))(keys, logits)
+    np.testing.assert_array_equal(ours, jax.vmap(jax.random.categorical)(keys, logits))
+
+    ties = np.array([[1.0, 3.0, 3.0, -np.inf], [-np.inf] * 4, [0.0, 0.0, 0.0, 0.0], [2.0, -1.0, 2.0, 5.0]])
+    np.testing.assert_array_equal(jax.jit(rollout._first_argmax)(ties), ties.argmax(-1))
+    np.testing.assert_array_equal(jax.jit(rollout._first_argmax)(logits), logits.argmax(-1))
+
+
 # ------------------------------------------------------------------------------------------ engine
 
 
