@@ -577,13 +577,24 @@ def parse_sweep_values(text: str | None) -> dict[str, tuple[int, ...]]:
     return sweeps
 
 
+def machine_caption(machine: dict) -> str:
+    """One line naming the machine of a report, e.g. for a plot's title."""
+    return (f"{machine['cpu']}, {machine['cpu_count']} cores, {machine['num_devices']} {machine['platform']} "
+            f"device(s), jax {machine['jax']}")
+
+
 def write_sweep_report(results: dict, out_dir: str) -> None:
+    """Per swept flag a PNG (time and peak RSS against the flag's values) and a markdown table; every
+    point's full JSON report in `scaling.json`, so the figures can be re-read without re-running."""
     plt = pyplot()
 
     os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "scaling.json"), "w") as f:
+        json.dump(results, f, indent=1)
     for flag, points in results.items():
         values = [v for v, _ in points]
-        fig, (time_ax, mem_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
+        fig, (time_ax, mem_ax) = plt.subplots(1, 2, figsize=(10, 4.2))
+        fig.suptitle(machine_caption(points[0][1]["machine"]), fontsize=9)
         for name, label in (("step_time_s", "step"), ("rollout_time_s", "rollout"), ("update_time_s", "update")):
             time_ax.plot(values, [r[name] for _, r in points], "o-", label=label)
         time_ax.set(xscale="log", yscale="log", xlabel=flag, ylabel="seconds (median)", title=f"time vs {flag}")

@@ -132,3 +132,36 @@ def test_sweep_points_inherit_the_sweep_command_line():
     lengths = benchmark.sweep_point_command(args, "max_new_tokens", 128)
     assert dict(zip(lengths[4::2], lengths[5::2]))["--min_new_tokens"] == "128"
     benchmark.parse_args(command[2:])  # every point's flags parse
+
+
+PEER_LINES = """torch.set_num_threads(2)
+N_PROMPTS, NUM_GEN, MAX_NEW = 64, 8, 64
+REPS = 7          # timed repetitions
+TRAIN_RUNS = 2    # fresh runs
+x = hf_tok(train_ds["prompt"])["input_ids"]
+"""
+
+
+def test_trl_peer_substitutes_only_the_constants_it_is_given():
+    trl_peer = experiment_scripts.load("trl_peer")
+    patched = trl_peer.patch_source(PEER_LINES, {"PEER_MAX_NEW": "512", "PEER_THREADS": "1"})
+    assert patched == PEER_LINES.replace("(2)", "(1)").replace("8, 64", "8, 512").replace(
+        'hf_tok(train_ds["prompt"])', 'hf_tok(list(train_ds["prompt"]))')
+    with pytest.raises(ValueError, match="expected one match of .*REPS"):
+        trl_peer.patch_source(PEER_LINES.replace("REPS = 7", "REPEATS = 7"), {})
+    with pytest.raises(ValueError):  # not an integer
+        trl_peer.patch_source(PEER_LINES, {"PEER_REPS": "three"})
+
+
+def test_sweep_report_writes_plots_tables_and_raw_reports(tmp_path, capsys):
+    machine = {"cpu": "AMD EPYC", "cpu_count": 2, "num_devices": 2, "platform": "cpu", "jax": jax.__version__}
+    def report(step):
+        return {"step_time_s": step, "rollout_time_s": step / 3, "update_time_s": 2 * step / 3, "peak_rss_mb": 900.0,
+                "rollout_tokens_per_s": 1e4, "rollout_mfu": 0.3, "update_mfu": 0.5, "machine": machine}
+    results = {"group_size": [(2, report(0.5)), (8, report(1.5))]}
+    benchmark.write_sweep_report(results, str(tmp_path))
+    assert (tmp_path / "scaling_group_size.png").stat().st_size > 0
+    with open(tmp_path / "scaling.json") as f:
+        assert json.load(f) == {"group_size": [[2, report(0.5)], [8, report(1.5)]]}
+    assert "| 8 | 1.500 | 0.500 | 1.000 | 10000 | 30.0% | 50.0% | 900 |" in capsys.readouterr().out
+    assert benchmark.machine_caption(machine) == f"AMD EPYC, 2 cores, 2 cpu device(s), jax {jax.__version__}"
