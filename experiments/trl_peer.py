@@ -23,14 +23,10 @@ import sys
 
 
 def _substitutions(env):
-    """(pattern, replacement) pairs; the replacement is None where its variable is unset."""
-    def integer(name):
-        raw = env.get(name)
-        return str(int(raw)) if raw else None  # int() refuses anything but an integer
-
+    """(pattern, replacement) pairs; a pattern whose variable is unset is replaced by itself."""
     def constant(name, template):
-        value = integer(name)
-        return None if value is None else template.format(value)
+        raw = env.get(name)
+        return template.format(int(raw)) if raw else r"\g<0>"  # int() refuses anything but an integer
 
     return [
         (r"^(N_PROMPTS, NUM_GEN, MAX_NEW = \d+, \d+, )\d+$", constant("PEER_MAX_NEW", r"\g<1>{}")),
@@ -44,12 +40,10 @@ def _substitutions(env):
 def patch_source(source, env):
     """The peer script's source with the environment's constants; each pattern must occur exactly once."""
     for pattern, replacement in _substitutions(env):
-        matches = len(re.findall(pattern, source, flags=re.M))
+        source, matches = re.subn(pattern, replacement, source, flags=re.M)
         if matches != 1:
             raise ValueError(f"peer script: expected one match of {pattern!r}, found {matches}; "
                              "the peer script changed: update experiments/trl_peer.py")
-        if replacement is not None:
-            source = re.sub(pattern, replacement, source, flags=re.M)
     return source
 
 
