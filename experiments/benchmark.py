@@ -51,6 +51,7 @@ from grpo_jax.metrics import pyplot
 from grpo_jax.models import ModelConfig, Transformer, load_pretrained
 from grpo_jax.optim import OptimizerConfig, make_optimizer
 from grpo_jax import rollout
+from grpo_jax.runs import one_line_errors
 from grpo_jax.sharding import (
     add_cpu_devices_flag,
     batch_sharding,
@@ -697,7 +698,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    result = sweep(args) if args.sweep else run(args)
+    with one_line_errors():  # a missing or damaged model, a mesh or batch that does not fit: one line
+        result = sweep(args) if args.sweep else run(args)
     print(json.dumps(result, default=float))
     return result
 

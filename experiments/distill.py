@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
 import time
 
 import r1zero  # experiments/r1zero.py: the R1-Zero recipe (presets, config, cache) this script builds on
@@ -186,7 +185,6 @@ def distill(plan: Plan, output_dir: str, overwrite: bool = False) -> dict:
     from grpo_jax.metrics import plot_comparison
     from grpo_jax.runs import prepare_output_dir, write_json
 
-    prepare_output_dir(output_dir, dataclasses.asdict(plan), overwrite=overwrite)
     wall, started = {}, time.perf_counter()
 
     def stage(name, fn, *args):
@@ -197,6 +195,7 @@ def distill(plan: Plan, output_dir: str, overwrite: bool = False) -> dict:
         return result
 
     student = student_path(plan)  # before the teacher, which may train first: a bad --student fails in seconds
+    prepare_output_dir(output_dir, dataclasses.asdict(plan), overwrite=overwrite)  # the run starts here
     teacher = stage("teacher", teacher_path, plan)
     results = {"teacher": stage("evaluate teacher", evaluate_model, plan, teacher)}
     traces_path = os.path.join(output_dir, "traces.jsonl")
@@ -240,14 +239,13 @@ def print_table(summary: dict) -> None:
 
 
 def main(argv=None) -> dict:
+    from grpo_jax.runs import one_line_errors
     from grpo_jax.sharding import use_cpu_devices
 
     args = parse_args(argv)
-    try:
+    with one_line_errors():
         use_cpu_devices(args.cpu_devices)
         summary = distill(make_plan(args), args.output_dir, overwrite=args.overwrite)
-    except (ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError) as error:
-        sys.exit(f"error: {error}")
     print_table(summary)
     print(f"summary: {os.path.join(args.output_dir, 'summary.json')}")
     return summary

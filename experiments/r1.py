@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import r1zero  # experiments/r1zero.py: the R1-Zero recipe (and evaluation protocol) of every stage
 from distill import SMOKE_FLAGS
@@ -111,10 +110,10 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv=None) -> dict:
-    try:
+    from grpo_jax.runs import one_line_errors
+
+    with one_line_errors():
         return run(parse_args(argv))
-    except (ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError) as error:
-        sys.exit(f"error: {error}")
 
 
 if __name__ == "__main__":

@@ -109,6 +109,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--coordinator", help="HOST:PORT of process 0, for multi-process runs off TPU")
     p.add_argument("--num_processes", type=int, help="processes in a multi-process run")
     p.add_argument("--process_id", type=int, help="this process's index")
+    p.add_argument("--resume_step", type=int, help="resume from this checkpoint instead of the latest (deleting later "
+                   "ones), e.g. the last good step of a diverged run; it may change the optimizer flags")
+    p.add_argument("--max_zero_reward_steps", type=int, default=20,
+                   help="stop when this many steps in a row score reward 0 on every sample (a collapsed policy); 0: never")
     p.add_argument("--overwrite", action="store_true", help="replace a run with a different config in --output_dir")
     p.add_argument("--eval_only", action="store_true", help="evaluate --model (R1 protocol) and exit")
     return p.parse_args(argv)
@@ -188,6 +192,8 @@ def build_config(args: argparse.Namespace):
         save_every=pick("save_every"),
         checkpoint_dir=args.checkpoint_dir,
         ref_refresh_every=args.ref_refresh_every,
+        max_zero_reward_steps=args.max_zero_reward_steps,
+        resume_step=args.resume_step,
         overwrite=args.overwrite,
     )
 
@@ -210,12 +216,11 @@ def print_table(summary: dict) -> None:
 
 
 def main(argv=None) -> dict:
+    from grpo_jax.runs import one_line_errors
+
     args = parse_args(argv)
-    try:
+    with one_line_errors():  # a user mistake or a diverged run: one line that says what is wrong and how to fix it
         return run(args)
-    except (ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError) as error:
-        # A user mistake or a diverged run: one line that says what is wrong and how to fix it.
-        sys.exit(f"error: {error}")
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,16 +45,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
+    from grpo_jax.runs import one_line_errors
     from grpo_jax.sft_trainer import SFTRunConfig, run_sft
     from grpo_jax.sharding import use_cpu_devices
 
     args = parse_args(argv)
     fields = {k: v for k, v in vars(args).items() if k not in ("init_from", "cpu_devices")}
-    try:
+    with one_line_errors():
         use_cpu_devices(args.cpu_devices)
         summary = run_sft(SFTRunConfig(model=args.init_from, **fields))
-    except (ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError) as error:
-        sys.exit(f"error: {error}")
     print(json.dumps(summary, indent=2))
     return summary
 

@@ -33,6 +33,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from grpo_jax.optim import tree_is_finite
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint directory or step that cannot be read."""
@@ -67,11 +69,15 @@ class Checkpointer:
         """Start saving `state` and `metadata` as `step` if `step` is a multiple of `save_every` (or `force`).
 
         Returns whether a save was started. A step already on disk is not written again (returns False),
-        so a forced save on preemption right after a scheduled one is harmless.
+        so a forced save on preemption right after a scheduled one is harmless. A state with a non-finite
+        value is never saved (a FloatingPointError), so rotation never replaces a good step with it.
         """
         metadata = _json_ready(metadata or {})
-        if step in self._manager.all_steps():
+        if step in self._manager.all_steps() or not (force or self._manager.should_save(step)):
             return False
+        if not all_finite(state):
+            raise FloatingPointError(f"the state of step {step} has non-finite values: not saved (the checkpoints "
+                                     f"in {self.directory}, steps {self.all_steps()}, are kept)")
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), metadata=ocp.args.JsonSave(metadata))
         return self._manager.save(step, args=args, force=force)
 
@@ -91,8 +97,20 @@ class Checkpointer:
         """(state, metadata) of `step` (None: the latest complete step).
 
         `target` is the state's pytree of `jax.ShapeDtypeStruct` (or arrays) whose `.sharding` says where
-        each array goes; it may be on a different mesh than the one that saved.
+        each array goes; it may be on a different mesh than the one that saved. A state with non-finite
+        values (a diverged run's) is refused like a damaged one.
         """
+        step, restored = self._restore(step, state=ocp.args.StandardRestore(target), metadata=ocp.args.JsonRestore())
+        if not all_finite(restored.state):
+            raise CheckpointError(f"step {step} in {self.directory} holds non-finite values (a diverged run's "
+                                  f"state): restore an earlier step (available: {self.all_steps()})")
+        return restored.state, restored.metadata
+
+    def metadata(self, step: int | None = None) -> dict:
+        """The JSON metadata of `step` (None: the latest), without reading the arrays."""
+        return self._restore(step, metadata=ocp.args.JsonRestore())[1].metadata
+
+    def _restore(self, step: int | None, **items) -> tuple[int, Any]:
         self.wait()
         steps = self.all_steps()
         if not steps:
@@ -101,16 +119,21 @@ class Checkpointer:
         step = steps[-1] if step is None else step
         if step not in steps:
             raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; available steps: {steps}")
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(target), metadata=ocp.args.JsonRestore())
         try:
-            restored = self._manager.restore(step, args=args)
+            return step, self._manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # Orbax/TensorStore raise many types; report them all the same way
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CheckpointError(
                 f"cannot restore step {step} from {os.path.join(self.directory, str(step))} ({reason}); if it is "
                 f"damaged, restore an earlier step (available: {steps}) or delete that directory"
             ) from e
-        return restored.state, restored.metadata
+
+    def delete_after(self, step: int) -> None:
+        """Delete the checkpoints after `step`: a run resumed from `step` takes another path from there."""
+        self.wait()
+        for later in self.all_steps():
+            if later > step:
+                self._manager.delete(later)
 
     def close(self) -> None:
         """Finish pending saves and release Orbax's background threads."""
@@ -121,6 +144,14 @@ class Checkpointer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+_tree_is_finite = jax.jit(tree_is_finite)
+
+
+def all_finite(tree) -> bool:
+    """Whether every floating-point value of `tree` (arrays, possibly sharded over processes) is finite."""
+    return bool(_tree_is_finite(tree))
 
 
 def abstract_with_shardings(tree, shardings):

@@ -7,12 +7,18 @@ so total_steps = update calls x num_iterations x num_minibatches.
 from __future__ import annotations
 
 import dataclasses
+import math
+import warnings
 
 import jax
 import jax.numpy as jnp
 import optax
 
 SCHEDULES = ("constant", "linear", "cosine")
+# AdamW moves every weight by about the learning rate per step: above 1 no run trains, and above the warning
+# threshold (10x the SFT default, 10^4x GRPO's) fine-tuning diverges within a few steps on the models we tried.
+MAX_LEARNING_RATE = 1.0
+WARN_LEARNING_RATE = 1e-2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,8 +47,15 @@ class OptimizerConfig:
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}: use one of {', '.join(SCHEDULES)}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not 0 < self.learning_rate <= MAX_LEARNING_RATE:
+            raise ValueError(f"learning_rate must be in (0, {MAX_LEARNING_RATE:g}], got {self.learning_rate}: AdamW "
+                             "moves every weight by about the learning rate per step (GRPO uses ~1e-6, SFT ~1e-4)")
+        if self.learning_rate > WARN_LEARNING_RATE:
+            warnings.warn(f"learning_rate {self.learning_rate} is above {WARN_LEARNING_RATE:g}: fine-tuning at this "
+                          "rate usually diverges")
+        for name in ("eps", "weight_decay", "end_lr_ratio"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be finite, got {getattr(self, name)}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.schedule != "constant" and (self.total_steps is None or self.total_steps <= self.warmup_steps):
@@ -103,16 +116,17 @@ def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
 
 
 def guarded_update(optimizer: optax.GradientTransformation, params, opt_state, grads, loss):
-    """One optimizer update, applied only if the loss and the gradient are finite.
+    """One optimizer update, applied only if the loss, the gradient and the updated params are finite.
 
-    A non-finite step leaves params and optimizer state unchanged (a NaN never reaches the weights).
+    A non-finite step leaves params and optimizer state unchanged (a NaN or an overflow never reaches the
+    weights).
     Returns (params, opt_state, metrics) with metrics grad_norm, skipped (0/1) and learning_rate (the
     injected value, when the optimizer comes from `make_optimizer`).
     """
     grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt_state = optimizer.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & tree_is_finite(new_params)
     params, opt_state = jax.tree.map(
         lambda new, old: jnp.where(finite, new, old), (new_params, new_opt_state), (params, opt_state)
     )
@@ -123,3 +137,9 @@ def guarded_update(optimizer: optax.GradientTransformation, params, opt_state, g
     if learning_rate is not None:
         metrics["learning_rate"] = jnp.asarray(learning_rate, jnp.float32)
     return params, opt_state, metrics
+
+
+def tree_is_finite(tree) -> jax.Array:
+    """Whether every floating-point value of `tree` is finite (a traced boolean; other dtypes are ignored)."""
+    leaves = [x for x in jax.tree.leaves(tree) if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves])) if leaves else jnp.bool_(True)

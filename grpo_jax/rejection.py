@@ -112,5 +112,12 @@ def write_traces(path: str, records: list[dict]) -> str:
 def read_traces(path: str) -> list[dict]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"no trace file at {path}: run rejection sampling first")
+    records = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}, line {number}: not a JSON object ({e}); one trace per line") from None
+    return records

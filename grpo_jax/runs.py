@@ -10,19 +10,49 @@ a Hugging Face checkpoint with its tokenizer. The next stage starts from that ex
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
+import signal
+import sys
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import multihost_utils
 
+from grpo_jax.checkpoint import CheckpointError, all_finite
+from grpo_jax.models.hf import read_json
 from grpo_jax.sharding import is_main_process, to_host
 
 FINAL_DIR = "final"
+# What a user can fix (a flag, a file, a diverged run's learning rate): the scripts print these as one line.
+USER_ERRORS = (ValueError, OSError, FloatingPointError, CheckpointError)
+PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM  # a scheduler tells preemption (143) from success (0)
+
+
+class Preempted(Exception):
+    """SIGTERM stopped a stage after it saved its current step: the message says which and how to resume."""
+
+    def __init__(self, step: int, checkpoint_dir: str):
+        super().__init__(f"preempted: step {step} is saved in {checkpoint_dir}; re-run the same command to "
+                         "resume from it")
+        self.step = step
+
+
+@contextlib.contextmanager
+def one_line_errors():
+    """The scripts' `main`: a user error or a diverged run exits with one line (`error: ...`), preemption with
+    its own line and code 143; anything else is a bug and keeps its traceback."""
+    try:
+        yield
+    except Preempted as preempted:
+        print(preempted, file=sys.stderr)
+        sys.exit(PREEMPTED_EXIT_CODE)
+    except USER_ERRORS as error:
+        sys.exit(f"error: {error}")
 
 
 def resolve_init(path: str | os.PathLike) -> str:
@@ -58,31 +88,76 @@ def load_policy(model: str | os.PathLike, dtype: str = "float32", remat: bool = 
     return path, dataclasses.replace(transformer, remat=remat), params, tokenizer
 
 
-def prepare_output_dir(output_dir: str, config: dict, *, overwrite: bool, resumable: Sequence[str] = ()) -> None:
-    """Write `config` to OUTPUT_DIR/config.json, refusing to mix runs.
+RUN_MARKER = "grpo_jax_run"  # a key of the config.json that a stage writes: the directory is a run of ours
+# Config fields that name files: compared as absolute paths, so that "runs/a", "./runs/a/" and its absolute
+# path are the same. The output directory itself is never compared: a moved or copied run is the same run.
+PATH_FIELDS = ("model", "data", "checkpoint_dir", "teacher", "student")
+NOT_COMPARED = ("output_dir", RUN_MARKER)
 
-    An output dir that holds a run with a different config (apart from the `resumable` fields, which
-    may change between a run and its resumption; "a.b" names field b of the nested config a) is an
-    error, or is deleted first with `overwrite`.
+
+def run_config(config: dict) -> dict:
+    """`config` as a stage writes it to config.json: JSON types, absolute paths, and the run marker."""
+    current = json.loads(json.dumps(config, default=str))
+    for key in PATH_FIELDS:
+        if isinstance(current.get(key), str) and "://" not in current[key]:
+            current[key] = os.path.abspath(os.path.expanduser(current[key]))
+    return {**current, RUN_MARKER: True}
+
+
+def config_differences(saved: dict, config: dict, resumable: Sequence[str] = ()) -> list[str]:
+    """The fields (dotted, "a.b" for field b of the nested config a) in which a saved run's config and
+    `config` differ, apart from the `resumable` ones, which may change between a run and its resumption."""
+    saved, now = _dotted(run_config(saved)), _dotted(run_config(config))
+    skip = set(resumable) | set(NOT_COMPARED)
+    return sorted(k for k in set(saved) | set(now) if k not in skip and saved.get(k) != now.get(k))
+
+
+def check_output_dir(output_dir: str, config: dict, *, overwrite: bool, resumable: Sequence[str] = (),
+                     reads: Sequence[str] = ()) -> bool:
+    """Whether OUTPUT_DIR holds another run that `overwrite` may delete; an error when it may not be used.
+
+    OUTPUT_DIR with no config.json is free; one whose config.json matches `config` (apart from `resumable`)
+    is this run, resumed. Any other is refused, unless `overwrite` and it is a run directory of ours that does
+    not hold a model this run `reads`: only then is it deleted.
     """
     path = os.path.join(output_dir, "config.json")
-    current = json.loads(json.dumps(config, default=str))
-    if os.path.exists(path) and is_main_process():
-        with open(path) as f:
-            saved = _dotted(json.load(f))
-        now = _dotted(current)
-        differs = sorted(k for k in set(saved) | set(now) if k not in resumable and saved.get(k) != now.get(k))
-        if differs and not overwrite:
-            raise ValueError(
-                f"{output_dir} holds a run with a different config ({', '.join(differs)} differ): pick another "
-                "--output_dir, or pass --overwrite to delete that run"
-            )
-        if differs:
-            shutil.rmtree(output_dir)
+    if not os.path.exists(path):
+        return False
+    saved = read_json(path)
+    differs = config_differences(saved, config, resumable)
+    if not differs:
+        return False
+    if saved.get(RUN_MARKER) is not True:
+        raise ValueError(f"{output_dir} holds a config.json that no grpo_jax run wrote (is it a model?): pick "
+                         "another --output_dir; --overwrite deletes only run directories")
+    if not overwrite:
+        raise ValueError(
+            f"{output_dir} holds a run with a different config ({', '.join(differs)} differ): pick another "
+            "--output_dir, or pass --overwrite to delete that run"
+        )
+    for model in reads:
+        if _inside(model, output_dir):
+            raise ValueError(f"--overwrite would delete {model}, the model this run starts from, inside "
+                             f"{output_dir}: pick another --output_dir")
+    return True
+
+
+def prepare_output_dir(output_dir: str, config: dict, *, overwrite: bool, resumable: Sequence[str] = (),
+                       reads: Sequence[str] = ()) -> None:
+    """Write `config` to OUTPUT_DIR/config.json once `check_output_dir` allows it (deleting another run of
+    ours first with `overwrite`). Call it when the run really starts: after every check of the inputs, so a
+    failed start leaves nothing behind."""
     if is_main_process():
+        if check_output_dir(output_dir, config, overwrite=overwrite, resumable=resumable, reads=reads):
+            shutil.rmtree(output_dir)
         os.makedirs(output_dir, exist_ok=True)
-    write_json(path, current)
+    write_json(os.path.join(output_dir, "config.json"), run_config(config))
     multihost_utils.sync_global_devices("output dir ready")
+
+
+def _inside(path: str, directory: str) -> bool:
+    path, directory = os.path.realpath(path), os.path.realpath(directory)
+    return os.path.commonpath([path, directory]) == directory
 
 
 def _dotted(config: dict, prefix: str = "") -> dict:
@@ -99,10 +174,13 @@ def _dotted(config: dict, prefix: str = "") -> dict:
 def export_policy(model, params, tokenizer, out_dir: str) -> None:
     """Write (possibly sharded, multi-host) params as a Hugging Face checkpoint with the tokenizer.
 
-    Collective: every process must call it (the params are gathered); process 0 writes.
+    Collective: every process must call it (the params are gathered); process 0 writes. Non-finite weights
+    are never exported (a FloatingPointError).
     """
     from grpo_jax.models import save_pretrained
 
+    if not all_finite(params):
+        raise FloatingPointError(f"the policy's weights are not finite: {out_dir} not exported")
     host_params = jax.tree.map(to_host, params)
     if is_main_process():
         save_pretrained(model, host_params, out_dir, tokenizer=tokenizer)

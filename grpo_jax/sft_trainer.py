@@ -20,7 +20,7 @@ from grpo_jax.checkpoint import Checkpointer, sigterm_caught
 from grpo_jax.data import render_prompt
 from grpo_jax.metrics import MetricsWriter, plot_metrics
 from grpo_jax.rejection import read_traces
-from grpo_jax.runs import FINAL_DIR, export_policy, load_policy, prepare_output_dir, write_json
+from grpo_jax.runs import FINAL_DIR, Preempted, export_policy, load_policy, prepare_output_dir, write_json
 from grpo_jax.sft import SFTConfig, completion_example, iterate_batches, pack_documents, pad_documents, sft_train
 from grpo_jax.sharding import is_main_process, make_mesh, parse_mesh
 from grpo_jax.text import bucket_length
@@ -97,7 +97,8 @@ def sft_examples(records: Sequence[dict], tokenizer, template: str | None = None
 
 
 def run_sft(config: SFTRunConfig) -> dict:
-    """Run (or resume) SFT as configured; returns the summary written to OUTPUT_DIR/summary.json."""
+    """Run (or resume) SFT as configured; returns the summary written to OUTPUT_DIR/summary.json. Raises
+    `Preempted` after saving when SIGTERM stops it."""
     started = time.perf_counter()
     mesh = make_mesh(parse_mesh(config.mesh))  # a mesh that does not fit fails here, before any loading
     records = read_traces(config.data)
@@ -118,7 +119,7 @@ def run_sft(config: SFTRunConfig) -> dict:
                            weight_decay=config.weight_decay, log_every=config.log_every)
 
     prepare_output_dir(config.output_dir, dataclasses.asdict(config), overwrite=config.overwrite,
-                       resumable=_RESUMABLE_FIELDS)
+                       resumable=_RESUMABLE_FIELDS, reads=(config.model,))
     writer = MetricsWriter(config.output_dir, enabled=is_main_process())
     preempted = []
     with sigterm_caught(lambda: preempted.append(True)), Checkpointer(
@@ -129,7 +130,7 @@ def run_sft(config: SFTRunConfig) -> dict:
                                   metrics_callback=writer.write, progress=is_main_process(), description="SFT")
     writer.close()
     if steps < num_steps:
-        return {"preempted_at_step": steps}
+        raise Preempted(steps, checkpointer.directory)
     export_policy(model, params, tokenizer, os.path.join(config.output_dir, FINAL_DIR))
     summary = {
         "model": path,

@@ -22,6 +22,16 @@ def bucket_length(n: int, multiple: int = 16) -> int:
     return max(multiple, -(-n // multiple) * multiple)
 
 
+def check_prompt_lengths(lengths: list[int], max_prompt_len: int, truncate: bool) -> None:
+    """Without `truncate`, a prompt longer than `max_prompt_len` tokens is an error."""
+    too_long = [n for n in lengths if n > max_prompt_len]
+    if too_long and not truncate:
+        raise ValueError(
+            f"{len(too_long)} prompt(s) exceed max_prompt_len={max_prompt_len} tokens (longest {max(too_long)}): "
+            "raise --max_prompt_len or allow left truncation"
+        )
+
+
 def encode_prompts(
     tokenizer, texts, max_prompt_len: int, *, truncate: bool = True, multiple: int = 16, width: int | None = None
 ) -> PromptBatch:
@@ -33,12 +43,8 @@ def encode_prompts(
     and the "Assistant:" cue) with a counted warning, or raises if `truncate=False`.
     """
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    check_prompt_lengths([len(x) for x in ids], max_prompt_len, truncate)
     too_long = [i for i, x in enumerate(ids) if len(x) > max_prompt_len]
-    if too_long and not truncate:
-        raise ValueError(
-            f"{len(too_long)} prompt(s) exceed max_prompt_len={max_prompt_len} tokens (longest "
-            f"{max(len(ids[i]) for i in too_long)}): raise --max_prompt_len or allow left truncation"
-        )
     if too_long:
         warnings.warn(f"left-truncated {len(too_long)} of {len(ids)} prompts to max_prompt_len={max_prompt_len} tokens")
         ids = [x[-max_prompt_len:] for x in ids]

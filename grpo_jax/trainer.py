@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from typing import Any
@@ -43,7 +44,17 @@ from grpo_jax.rollout import (
     stop_sequences_for,
     truncate_at_stop,
 )
-from grpo_jax.runs import FINAL_DIR, export_policy, load_policy, prepare_output_dir, write_json
+from grpo_jax.runs import (
+    FINAL_DIR,
+    Preempted,
+    check_output_dir,
+    config_differences,
+    export_policy,
+    load_policy,
+    prepare_output_dir,
+    run_config,
+    write_json,
+)
 from grpo_jax.sharding import (
     batch_sharding,
     check_batch_divisible,
@@ -57,10 +68,14 @@ from grpo_jax.sharding import (
     shard_params,
     to_host,
 )
-from grpo_jax.text import bucket_length, decode_completions, encode_prompts
+from grpo_jax.text import bucket_length, check_prompt_lengths, decode_completions, encode_prompts
 
 # Changing these between a run and its resumption is allowed; any other config change is refused.
-_RESUMABLE_FIELDS = ("steps", "eval_every", "save_every", "overwrite", "eval_before", "remat", "grpo.num_microbatches")
+_RESUMABLE_FIELDS = ("steps", "eval_every", "save_every", "overwrite", "eval_before", "remat", "grpo.num_microbatches",
+                     "resume_step", "max_consecutive_skips", "max_zero_reward_steps")
+# A run resumed from a chosen earlier step (`resume_step`) takes another path from there: it may also change
+# the optimizer (a lower learning rate after a divergence).
+_BRANCH_FIELDS = tuple(f"optim.{field.name}" for field in dataclasses.fields(OptimizerConfig))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,16 +112,26 @@ class TrainConfig:
     keep_checkpoints: int = 3
     checkpoint_dir: str | None = None  # default OUTPUT_DIR/checkpoints; on a pod, shared storage (gs://...)
     ref_refresh_every: int = 0  # R1-style: replace the reference with the policy every N steps (0: never)
-    max_consecutive_skips: int = 5
+    max_consecutive_skips: int = 5  # updates in a row with a non-finite loss, gradient or result: stop
+    # Steps in a row whose every group is tied at reward 0 (no signal, no update: a collapsed policy): stop.
+    # 0 turns the check off.
+    max_zero_reward_steps: int = 20
     skip_zero_advantage_updates: bool = True
+    resume_step: int | None = None  # resume from this checkpoint (deleting later ones) instead of the latest
     overwrite: bool = False
 
     def __post_init__(self):
         if self.group_size < 2:
             raise ValueError(f"group_size must be >= 2 (advantages compare samples of one prompt), got {self.group_size}")
-        for name in ("steps", "prompts_per_step", "max_new_tokens", "max_prompt_len"):
+        for name in ("steps", "prompts_per_step", "max_new_tokens", "max_prompt_len", "max_consecutive_skips"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_zero_reward_steps < 0 or (self.resume_step is not None and self.resume_step < 0):
+            raise ValueError(f"max_zero_reward_steps ({self.max_zero_reward_steps}) and resume_step "
+                             f"({self.resume_step}) must be >= 0")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0 and 0 < self.top_p <= 1):
+            raise ValueError(f"temperature must be finite and >= 0, and top_p in (0, 1]; got {self.temperature} and "
+                             f"{self.top_p}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
         if self.grpo.temperature != (self.temperature or 1.0):
@@ -117,6 +142,10 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def resumable_fields(self) -> tuple[str, ...]:
+        """The config fields a resumption may change (more when it resumes from a chosen step)."""
+        return _RESUMABLE_FIELDS + (_BRANCH_FIELDS if self.resume_step is not None else ())
 
 
 # ---------------------------------------------------------------------------------------------- run setup
@@ -135,8 +164,9 @@ def prompt_width(config: TrainConfig, task, tokenizer) -> int:
     """The run's fixed prompt width (one compile): its longest rendered prompt, train or eval, bucketed,
     at most `config.max_prompt_len`."""
     texts = [render_prompt(config.template, ex, tokenizer) for ex in task.train + task.eval]
-    longest = max(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
-    return min(bucket_length(longest), config.max_prompt_len)
+    lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    check_prompt_lengths(lengths, config.max_prompt_len, config.truncate_prompts)  # before any compile
+    return min(bucket_length(max(lengths)), config.max_prompt_len)
 
 
 class Trainer:
@@ -176,6 +206,11 @@ class Trainer:
             self.model, cfg.grpo, self.optimizer,
             jit_kwargs=dict(out_shardings=(self.state_shardings, replicated(self.mesh))), mesh=self.mesh,
         )
+        # The run really starts here: every input is checked, so a failed start has written nothing.
+        if cfg.checkpoint_dir:
+            check_checkpoint_dir(cfg)
+        prepare_output_dir(cfg.output_dir, cfg.to_dict(), overwrite=cfg.overwrite, resumable=cfg.resumable_fields(),
+                           reads=(cfg.model,))
         self.checkpointer = Checkpointer(cfg.checkpoint_dir or os.path.join(cfg.output_dir, "checkpoints"),
                                          save_every=cfg.save_every,
                                          keep=cfg.keep_checkpoints)
@@ -193,18 +228,21 @@ class Trainer:
 
     def save(self, force: bool = False) -> None:
         metadata = {"step": self.step, "data_position": self.step * self.config.prompts_per_step,
-                    "rng": {"seed": self.config.seed, "fold_in": "step"}}
+                    "rng": {"seed": self.config.seed, "fold_in": "step"}, "config": run_config(self.config.to_dict())}
         self.checkpointer.save(self.step, self._checkpoint_state(), metadata, force=force)
 
     def maybe_resume(self) -> bool:
-        latest = self.checkpointer.latest_step()
-        if latest is None:
-            return False
+        step = self.config.resume_step
+        if step is None:
+            step = self.checkpointer.latest_step()
+            if step is None:
+                return False
         target = self._checkpoint_state()
         shardings = {"train": self.state_shardings}
         if "ref_params" in target:
             shardings["ref_params"] = self.param_shardings
-        restored, metadata = self.checkpointer.restore(latest, abstract_with_shardings(target, shardings))
+        restored, metadata = self.checkpointer.restore(step, abstract_with_shardings(target, shardings))
+        self.checkpointer.delete_after(step)  # a later step of the abandoned path would be resumed next time
         self.state = restored["train"]
         if "ref_params" in restored:
             self.ref_params = restored["ref_params"]
@@ -336,32 +374,30 @@ class Trainer:
             else:
                 eval_before = self.evaluate()
                 write_json(before_path, eval_before)
-        consecutive_skips = 0
+        guard = CollapseGuard(cfg.max_consecutive_skips, cfg.max_zero_reward_steps)
         bar = tqdm(total=cfg.steps, initial=self.step, desc="GRPO", disable=not is_main_process())
         with sigterm_caught(self._on_sigterm):  # training and its last save finish the step they are in
             while self.step < cfg.steps and not self._preempted:
                 metrics = self.train_step()
                 self.step += 1
-                consecutive_skips = consecutive_skips + 1 if metrics.get("skipped", 0) else 0
-                if consecutive_skips >= cfg.max_consecutive_skips:
+                collapse = guard.update(metrics)
+                if collapse:
                     self.checkpointer.wait()
-                    raise FloatingPointError(
-                        f"{consecutive_skips} updates in a row had a non-finite loss or gradient (step {self.step}): "
-                        "lower the learning rate or check the model/data; checkpoints so far are intact"
-                    )
+                    raise FloatingPointError(f"{collapse} at step {self.step}; {self._resume_advice()}")
                 if cfg.ref_refresh_every and self.ref_params is not None and self.step % cfg.ref_refresh_every == 0:
                     self.ref_params = jax.tree.map(jnp.copy, self.state.params)
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                     metrics.update({f"eval/{k}": v for k, v in self.evaluate().items()})
                 self.writer.write(self.step, metrics)
-                self.save()
+                if not guard.stalled:  # unchanged weights: saving them would only rotate out an earlier step
+                    self.save()
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", len=f"{metrics['completion_length/mean']:.0f}")
             bar.close()
             self.save(force=True)
             self.checkpointer.wait()
         if self._preempted:
-            return {"preempted_at_step": self.step}
+            raise Preempted(self.step, self.checkpointer.directory)
         eval_after = self.evaluate() if self.task.eval else None
         self.export(os.path.join(cfg.output_dir, FINAL_DIR))
         summary = {
@@ -383,19 +419,68 @@ class Trainer:
         """The policy as a Hugging Face checkpoint with its tokenizer (servable by the usual engines)."""
         export_policy(self.model, self.state.params, self.tokenizer, out_dir)
 
+    def _resume_advice(self) -> str:
+        steps = self.checkpointer.all_steps()
+        if not steps:
+            return "no checkpoint was saved: lower --learning_rate and start again"
+        return (f"checkpoints hold only finite weights from before it; the newest is step {steps[-1]} "
+                f"(kept: {steps}) in {self.checkpointer.directory}: re-run with --resume_step {steps[-1]} (or an "
+                "earlier step) and a lower --learning_rate")
+
     def _on_sigterm(self) -> None:
         """Preemption: finish the current step, save it, exit cleanly (the loop checks the flag)."""
         self._preempted = True
 
 
+class CollapseGuard:
+    """Counts the steps in a row that did not train: updates skipped as non-finite, and steps whose every
+    group is tied at reward 0 (nothing to learn from: the policy has collapsed). `update` returns why the run
+    must stop, or "" while it may go on."""
+
+    def __init__(self, max_non_finite: int, max_zero_reward: int):
+        self.max_non_finite, self.max_zero_reward = max_non_finite, max_zero_reward
+        self.non_finite = self.zero_reward = 0
+
+    @property
+    def stalled(self) -> bool:
+        return bool(self.non_finite or self.zero_reward)
+
+    def update(self, metrics: dict) -> str:
+        self.non_finite = self.non_finite + 1 if metrics.get("skipped", 0) else 0
+        tied_at_zero = metrics["frac_zero_variance_groups"] == 1 and metrics["reward/mean"] == 0
+        self.zero_reward = self.zero_reward + 1 if tied_at_zero else 0
+        if self.non_finite >= self.max_non_finite:
+            return (f"the policy diverged: {self.non_finite} updates in a row had a non-finite loss, gradient or "
+                    "result (skipped)")
+        if self.max_zero_reward and self.zero_reward >= self.max_zero_reward:
+            return (f"the policy collapsed: {self.zero_reward} steps in a row scored reward 0 on every sample (no "
+                    "update; --max_zero_reward_steps 0 turns this check off)")
+        return ""
+
+
 def train(config: TrainConfig) -> dict[str, Any]:
-    """Run (or resume) GRPO training as configured; returns the summary written to summary.json."""
-    prepare_output_dir(config.output_dir, config.to_dict(), overwrite=config.overwrite, resumable=_RESUMABLE_FIELDS)
+    """Run (or resume) GRPO training as configured; returns the summary written to summary.json. Raises
+    `Preempted` after saving when SIGTERM stops it."""
+    # At the door, before any loading; the run directory is written only once the run starts (in Trainer).
+    check_output_dir(config.output_dir, config.to_dict(), overwrite=config.overwrite,
+                     resumable=config.resumable_fields(), reads=(config.model,))
     trainer = Trainer(config)
     try:
         return trainer.run()
     finally:
         trainer.checkpointer.close()
+
+
+def check_checkpoint_dir(config: TrainConfig) -> None:
+    """The checkpoints of another run (another config) in --checkpoint_dir are refused, not resumed."""
+    with Checkpointer(config.checkpoint_dir) as checkpointer:
+        if checkpointer.latest_step() is None:
+            return
+        saved = checkpointer.metadata().get("config")
+    differs = config_differences(saved, config.to_dict(), config.resumable_fields()) if saved else []
+    if differs:
+        raise ValueError(f"--checkpoint_dir {config.checkpoint_dir} holds the checkpoints of another run "
+                         f"({', '.join(differs)} differ): pick another --checkpoint_dir")
 
 
 def load_run_inputs(config: TrainConfig):

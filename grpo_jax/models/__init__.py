@@ -36,7 +36,9 @@ def load_tokenizer(path: str | os.PathLike):
         return tokenizer_from_gguf(path)
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tokenizer.init_kwargs.pop("local_files_only", None)  # how we loaded it, not a property to save with it
+    return tokenizer
 
 
 def save_pretrained(model: Transformer, params, out_dir: str | os.PathLike, tokenizer=None) -> None:

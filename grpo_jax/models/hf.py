@@ -16,6 +16,7 @@ import itertools
 import json
 import os
 import shutil
+import stat
 import tempfile
 import uuid
 from typing import Any, NamedTuple
@@ -275,12 +276,20 @@ def load_hf(path: str | os.PathLike, dtype=jnp.float32) -> tuple[Transformer, di
     specs = _tensor_specs(model)
     with contextlib.ExitStack() as stack:
         handles = {
-            f: stack.enter_context(safe_open(os.path.join(path, f), framework="numpy"))
+            f: stack.enter_context(_open_weights(os.path.join(path, f)))
             for f in sorted(set(weight_files.values()))
         }
         readers = {name: handles[f] for name, f in weight_files.items()}
         _check_tensors(model.config, specs, readers, weight_files, path)
-        return model, _read_params(specs, readers, np.dtype(dtype))
+        return model, _read_params(specs, readers, np.dtype(dtype), path)
+
+
+def _open_weights(file: str):
+    """safe_open, with one error naming the file when it is truncated or damaged."""
+    try:
+        return safe_open(file, framework="numpy")
+    except Exception as e:  # safetensors raises its own SafetensorError (and OSError) types
+        raise ValueError(f"{file} cannot be read ({e}): it is truncated or damaged; export or copy it again") from None
 
 
 def _read_config(path: str) -> ModelConfig:
@@ -291,23 +300,30 @@ def _read_config(path: str) -> ModelConfig:
     config_path = os.path.join(path, CONFIG_FILE)
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{path} has no {CONFIG_FILE}: give a Hugging Face model directory")
-    with open(config_path) as f:
-        return config_from_hf(json.load(f), source=config_path)
+    return config_from_hf(read_json(config_path), source=config_path)
+
+
+def read_json(path: str) -> dict:
+    """A JSON file, with one clear error naming it when it is not valid JSON."""
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e}): repair or replace it") from None
 
 
 def _weight_files(path: str) -> dict[str, str]:
     """Tensor name -> file (relative to `path`), from the shard index or the single weights file."""
     index_path = os.path.join(path, WEIGHTS_INDEX_FILE)
     if os.path.isfile(index_path):
-        with open(index_path) as f:
-            weight_map = json.load(f)["weight_map"]
+        weight_map = read_json(index_path)["weight_map"]
         for shard in sorted(set(weight_map.values())):
             if not os.path.isfile(os.path.join(path, shard)):
                 raise FileNotFoundError(f"{index_path} lists shard {shard}, which is missing from {path}")
         return weight_map
     single = os.path.join(path, WEIGHTS_FILE)
     if os.path.isfile(single):
-        with safe_open(single, framework="numpy") as f:
+        with _open_weights(single) as f:
             return {name: WEIGHTS_FILE for name in f.keys()}
     raise FileNotFoundError(
         f"no weights in {path}: expected {WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE} (only safetensors are read)"
@@ -335,14 +351,18 @@ def _check_tensors(config: ModelConfig, specs: list[_TensorSpec], readers: dict,
         )
 
 
-def _read_params(specs: list[_TensorSpec], readers: dict, np_dtype: np.dtype) -> dict:
-    """Fill one stacked host array per parameter, tensor by tensor, then move it to the device."""
+def _read_params(specs: list[_TensorSpec], readers: dict, np_dtype: np.dtype, source: str) -> dict:
+    """Fill one stacked host array per parameter, tensor by tensor, then move it to the device. A non-finite
+    weight (a diverged run's export) is an error: nothing could be trained or sampled from it."""
     params: dict = {}
     for path, group in itertools.groupby(specs, key=lambda spec: spec.path):
         group = list(group)
         host = np.empty(group[0].param_shape, np_dtype)
         for spec in group:
             tensor = readers[spec.hf_name].get_tensor(spec.hf_name)
+            if not np.isfinite(tensor).all():
+                raise ValueError(f"{source}: tensor {spec.hf_name} has non-finite values (the weights of a diverged "
+                                 "run?): load another checkpoint")
             target = host if spec.layer is None else host[spec.layer]
             target[...] = tensor.T if spec.transposed else tensor  # casts to the target dtype
         _set(params, path, jnp.asarray(host))
@@ -387,7 +407,10 @@ def _write_checkpoint(model: Transformer, params: dict, out_dir: str, tokenizer)
     hf_config["dtype"] = str(weights["model.embed_tokens.weight"].dtype)
     _write_json(os.path.join(out_dir, CONFIG_FILE), hf_config)
     _write_json(os.path.join(out_dir, GENERATION_CONFIG_FILE), _generation_config(config))
-    save_file(weights, os.path.join(out_dir, WEIGHTS_FILE), metadata={"format": "pt"})
+    weights_path = os.path.join(out_dir, WEIGHTS_FILE)
+    save_file(weights, weights_path, metadata={"format": "pt"})
+    # safetensors creates the file with mode 0600; give it the mode (umask) of the files written beside it.
+    os.chmod(weights_path, stat.S_IMODE(os.stat(os.path.join(out_dir, CONFIG_FILE)).st_mode))
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
 
