@@ -40,6 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_cpu_devices_flag(p)
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--save_every", type=int, default=defaults.save_every)
+    p.add_argument("--resume_step", type=int, help="resume from this checkpoint instead of the latest (deleting later "
+                   "ones), e.g. the last good step of a diverged run; it may change the optimizer flags")
     p.add_argument("--overwrite", action="store_true", help="replace a run with a different config in --output_dir")
     return p.parse_args(argv)
 

@@ -154,6 +154,15 @@ def all_finite(tree) -> bool:
     return bool(_tree_is_finite(tree))
 
 
+def resume_advice(checkpointer: Checkpointer | None) -> str:
+    """How to go on after a run stopped on a divergence: its checkpoints (finite, as every saved one is)."""
+    steps = checkpointer.all_steps() if checkpointer is not None else []
+    if not steps:
+        return "no checkpoint was saved: start again with a lower --learning_rate"
+    return (f"the newest checkpoint from before it is step {steps[-1]} (kept: {steps}) in {checkpointer.directory}: "
+            f"re-run with --resume_step {steps[-1]} (or an earlier step) and a lower --learning_rate")
+
+
 def abstract_with_shardings(tree, shardings):
     """`tree` (arrays or ShapeDtypeStructs) as ShapeDtypeStructs placed on `shardings`: a restore target."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

@@ -30,7 +30,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from grpo_jax.checkpoint import Checkpointer, abstract_with_shardings
+from grpo_jax.checkpoint import Checkpointer, abstract_with_shardings, resume_advice
 from grpo_jax.models.transformer import Transformer
 from grpo_jax.optim import OptimizerConfig, guarded_update, make_optimizer
 from grpo_jax.sharding import (
@@ -267,6 +267,7 @@ def sft_train(
     *,
     mesh: Mesh | None = None,
     checkpointer: Checkpointer | None = None,
+    resume_step: int | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     metrics_callback: Callable[[int, dict], None] | None = None,
     progress: bool = True,
@@ -276,8 +277,9 @@ def sft_train(
     (params, steps done).
 
     With a `mesh`, params and optimizer state are sharded by the model's logical axes (as in GRPO) and each
-    batch is split over the data axes. With a `checkpointer`, a run resumes from its latest step (skipping
-    the batches already seen, so a deterministic `batches` gives the uninterrupted run's result), saves on
+    batch is split over the data axes. With a `checkpointer`, a run resumes from its latest step, or from
+    `resume_step` (deleting the later ones), skipping the batches already seen (so a deterministic `batches`
+    gives the uninterrupted run's result), saves on
     its schedule and at the end, and also when `should_stop()` turns true (preemption), then returns early.
     Every `config.log_every` steps (and at the end) `metrics_callback(step, metrics)` receives the mean
     loss since the last report, the grad norm, the learning rate, skipped steps and steps per second.
@@ -295,11 +297,12 @@ def sft_train(
         *shardings, replicated(mesh))}))
 
     start_step = 0
-    if checkpointer is not None and checkpointer.latest_step() is not None:
+    if checkpointer is not None and (resume_step is not None or checkpointer.latest_step() is not None):
         target = {"params": params, "opt_state": opt_state}
-        restored, metadata = checkpointer.restore(None, target if shardings is None else abstract_with_shardings(
+        restored, metadata = checkpointer.restore(resume_step, target if shardings is None else abstract_with_shardings(
             target, dict(zip(("params", "opt_state"), shardings))))
         params, opt_state, start_step = restored["params"], restored["opt_state"], int(metadata["step"])
+        checkpointer.delete_after(start_step)  # a later step of the abandoned path would be resumed next time
 
     batches = iter(batches)
     for _ in range(start_step):  # the batches an interrupted run already trained on
@@ -329,9 +332,10 @@ def sft_train(
             if metrics_callback is not None:
                 metrics_callback(step, report)
             if consecutive_skips >= config.max_consecutive_skips:
+                bar.close()
                 raise FloatingPointError(
-                    f"{consecutive_skips} SFT steps in a row had a non-finite loss or gradient (at step {step}): "
-                    "lower the learning rate or check the data; checkpoints so far are intact")
+                    f"{consecutive_skips} SFT steps in a row had a non-finite loss, gradient or result (skipped) at "
+                    f"step {step}; {resume_advice(checkpointer)}")
         stop = should_stop()
         if checkpointer is not None:
             checkpointer.save(step, {"params": params, "opt_state": opt_state}, {"step": step},

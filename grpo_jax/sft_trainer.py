@@ -27,7 +27,9 @@ from grpo_jax.text import bucket_length
 
 SFT_PLOT_PANELS = (("loss", "loss (completion tokens)"), ("learning_rate", "learning rate"), ("grad_norm", "grad norm"))
 # May change between a run and its resumption.
-_RESUMABLE_FIELDS = ("save_every", "overwrite", "log_every", "remat")
+_RESUMABLE_FIELDS = ("save_every", "overwrite", "log_every", "remat", "resume_step")
+# May also change when it resumes from a chosen earlier step (a lower learning rate after a divergence).
+_BRANCH_FIELDS = ("learning_rate", "warmup_steps", "end_lr_ratio", "weight_decay")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +61,7 @@ class SFTRunConfig:
     save_every: int = 100
     keep_checkpoints: int = 2
     log_every: int = 10
+    resume_step: int | None = None  # resume from this checkpoint (deleting later ones) instead of the latest
     overwrite: bool = False
 
     def __post_init__(self):
@@ -119,14 +122,16 @@ def run_sft(config: SFTRunConfig) -> dict:
                            weight_decay=config.weight_decay, log_every=config.log_every)
 
     prepare_output_dir(config.output_dir, dataclasses.asdict(config), overwrite=config.overwrite,
-                       resumable=_RESUMABLE_FIELDS, reads=(config.model,))
+                       resumable=_RESUMABLE_FIELDS + (_BRANCH_FIELDS if config.resume_step is not None else ()),
+                       reads=(config.model,))
     writer = MetricsWriter(config.output_dir, enabled=is_main_process())
     preempted = []
     with sigterm_caught(lambda: preempted.append(True)), Checkpointer(
         os.path.join(config.output_dir, "checkpoints"), save_every=config.save_every, keep=config.keep_checkpoints
     ) as checkpointer:
         params, steps = sft_train(model, params, iterate_batches(rows, config.batch_size, seed=config.seed),
-                                  sft_config, mesh=mesh, checkpointer=checkpointer, should_stop=lambda: bool(preempted),
+                                  sft_config, mesh=mesh, checkpointer=checkpointer, resume_step=config.resume_step,
+                                  should_stop=lambda: bool(preempted),
                                   metrics_callback=writer.write, progress=is_main_process(), description="SFT")
     writer.close()
     if steps < num_steps:

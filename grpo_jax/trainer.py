@@ -23,7 +23,7 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from grpo_jax import rewards as reward_lib
-from grpo_jax.checkpoint import Checkpointer, abstract_with_shardings, sigterm_caught
+from grpo_jax.checkpoint import Checkpointer, abstract_with_shardings, resume_advice, sigterm_caught
 from grpo_jax.data import batch_columns, load_task, render_prompt
 from grpo_jax.evaluate import STOP_STRINGS, EvalConfig, evaluate, tokenizer_eos_ids
 from grpo_jax.grpo import (
@@ -376,24 +376,23 @@ class Trainer:
                 write_json(before_path, eval_before)
         guard = CollapseGuard(cfg.max_consecutive_skips, cfg.max_zero_reward_steps)
         bar = tqdm(total=cfg.steps, initial=self.step, desc="GRPO", disable=not is_main_process())
-        with sigterm_caught(self._on_sigterm):  # training and its last save finish the step they are in
+        with sigterm_caught(self._on_sigterm), bar:  # training and its last save finish the step they are in
             while self.step < cfg.steps and not self._preempted:
                 metrics = self.train_step()
                 self.step += 1
                 collapse = guard.update(metrics)
-                if collapse:
-                    self.checkpointer.wait()
-                    raise FloatingPointError(f"{collapse} at step {self.step}; {self._resume_advice()}")
                 if cfg.ref_refresh_every and self.ref_params is not None and self.step % cfg.ref_refresh_every == 0:
                     self.ref_params = jax.tree.map(jnp.copy, self.state.params)
-                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps and not collapse:
                     metrics.update({f"eval/{k}": v for k, v in self.evaluate().items()})
                 self.writer.write(self.step, metrics)
+                if collapse:
+                    self.checkpointer.wait()
+                    raise FloatingPointError(f"{collapse} at step {self.step}; {resume_advice(self.checkpointer)}")
                 if not guard.stalled:  # unchanged weights: saving them would only rotate out an earlier step
                     self.save()
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", len=f"{metrics['completion_length/mean']:.0f}")
-            bar.close()
             self.save(force=True)
             self.checkpointer.wait()
         if self._preempted:
@@ -418,14 +417,6 @@ class Trainer:
     def export(self, out_dir: str) -> None:
         """The policy as a Hugging Face checkpoint with its tokenizer (servable by the usual engines)."""
         export_policy(self.model, self.state.params, self.tokenizer, out_dir)
-
-    def _resume_advice(self) -> str:
-        steps = self.checkpointer.all_steps()
-        if not steps:
-            return "no checkpoint was saved: lower --learning_rate and start again"
-        return (f"checkpoints hold only finite weights from before it; the newest is step {steps[-1]} "
-                f"(kept: {steps}) in {self.checkpointer.directory}: re-run with --resume_step {steps[-1]} (or an "
-                "earlier step) and a lower --learning_rate")
 
     def _on_sigterm(self) -> None:
         """Preemption: finish the current step, save it, exit cleanly (the loop checks the flag)."""
