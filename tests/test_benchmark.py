@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import experiment_scripts
-from grpo_jax.models import Transformer
+from grpo_jax.models import Transformer, save_pretrained
 
 benchmark = experiment_scripts.load("benchmark")
 
@@ -109,6 +109,33 @@ def test_two_step_smoke_run_ends_with_json_report(capsys, tmp_path):
 def test_covered_time_counts_overlapping_spans_once():
     assert benchmark._covered_us([(20, 25), (0, 10), (5, 15), (21, 22)]) == 15 + 5
     assert benchmark._covered_us([]) == 0
+
+
+def _tiny_checkpoint(path, damage=None):
+    model = Transformer(benchmark.parse_random_model(TINY))
+    save_pretrained(model, model.init(jax.random.key(0)), path)
+    if damage == "truncated":
+        os.truncate(path / "model.safetensors", 100)
+    elif damage == "unsupported":
+        config = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    return str(path)
+
+
+@pytest.mark.parametrize("damage, flags, message", [
+    (None, ["--model", "/nonexistent/model"], "no checkpoint at /nonexistent/model"),
+    ("truncated", [], "model.safetensors cannot be read"),
+    ("unsupported", [], "unsupported model_type 'gpt2'"),
+    (None, ["--mesh", "data=3"], "data=3"),
+    (None, ["--num_prompts", "3"], "prompts"),
+], ids=["missing", "truncated", "unsupported", "mesh", "divisibility"])
+def test_user_errors_are_one_line_without_traceback(tmp_path, damage, flags, message):
+    model = [] if "--model" in flags else ["--model", _tiny_checkpoint(tmp_path / "model", damage)]
+    with pytest.raises(SystemExit) as exit_:
+        benchmark.main([*model, "--num_prompts", "8", "--group_size", "2", "--prompt_len", "4", "--max_new_tokens",
+                        "4", "--steps", "1", "--peak_size", "64", "--bandwidth_mb", "4", *flags])
+    line = exit_.value.code
+    assert isinstance(line, str) and line.startswith("error: ") and "\n" not in line and message in line, line
 
 
 def test_bad_random_model_is_one_clear_error(capsys):

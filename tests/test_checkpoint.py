@@ -15,6 +15,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from grpo_jax import checkpoint
 from grpo_jax.checkpoint import Checkpointer, CheckpointError, abstract_with_shardings, sigterm_caught
 from grpo_jax.models import ModelConfig, Transformer
 from grpo_jax.sharding import MeshConfig, make_mesh, opt_state_shardings, param_shardings
@@ -164,6 +165,39 @@ def test_damaged_step_is_reported_and_earlier_steps_still_restore(tmp_path):
         assert "\n" not in str(err.value)
         state, _ = ckpt.restore(2, target)
     np.testing.assert_array_equal(state["x"], np.full(4, 2.0))
+
+
+def test_non_finite_state_is_never_saved_so_the_last_finite_step_is_kept(tmp_path):
+    with Checkpointer(tmp_path, save_every=2, keep=1) as ckpt:
+        ckpt.save(2, {"x": jnp.ones(4), "count": jnp.int32(2)})
+        with pytest.raises(FloatingPointError, match=r"state of step 4 has non-finite values: not saved .*\[2\]"):
+            ckpt.save(4, {"x": jnp.array([1.0, jnp.inf, 0.0, 0.0]), "count": jnp.int32(4)})
+        assert not ckpt.save(5, {"x": jnp.full(4, jnp.nan), "count": jnp.int32(5)})  # not due: not saved
+        ckpt.wait()
+        assert ckpt.all_steps() == [2]  # keep=1 would have rotated step 2 out for the diverged step 4
+
+
+def test_non_finite_checkpoint_is_refused_at_restore(tmp_path, monkeypatch):
+    """A diverged state saved by a version without the save-time check: refused with the steps available."""
+    target = {"x": jax.ShapeDtypeStruct((4,), jnp.float32)}
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, {"x": jnp.ones(4)})
+        with monkeypatch.context() as patched:
+            patched.setattr(checkpoint, "all_finite", lambda tree: True)
+            ckpt.save(2, {"x": jnp.full(4, jnp.nan)})
+        with pytest.raises(CheckpointError, match=r"step 2 in .* holds non-finite values .*available: \[1, 2\]"):
+            ckpt.restore(None, target)
+        state, _ = ckpt.restore(1, target)
+    np.testing.assert_array_equal(state["x"], np.ones(4))
+
+
+def test_metadata_reads_without_the_arrays_and_delete_after_drops_later_steps(tmp_path):
+    with Checkpointer(tmp_path) as ckpt:
+        for step in (1, 2, 3):
+            ckpt.save(step, {"x": jnp.full(4, float(step))}, {"step": step})
+        assert ckpt.metadata() == {"step": 3} and ckpt.metadata(1) == {"step": 1}
+        ckpt.delete_after(1)
+        assert ckpt.all_steps() == [1]
 
 
 def test_failed_save_leaves_earlier_checkpoints_intact(tmp_path):

@@ -287,6 +287,20 @@ def _wrong_shape(tensors):
     tensors["model.layers.0.self_attn.k_proj.weight"] = np.zeros((8, 48), np.float32)
 
 
+def _truncate_weights(path):
+    file = os.path.join(path, "model.safetensors")
+    os.truncate(file, os.path.getsize(file) // 2)  # a copy or download that stopped half-way
+
+
+def _malform_config(path):
+    with open(os.path.join(path, "config.json"), "a") as f:
+        f.write("}")
+
+
+def _nan_embedding(tensors):
+    tensors["model.embed_tokens.weight"][:] = np.nan  # a diverged run's export
+
+
 @pytest.mark.parametrize(
     "edit, message",
     [
@@ -304,9 +318,12 @@ def _wrong_shape(tensors):
         (edit_tensors(lambda t: t.update(extra=np.zeros(2, np.float32))), r"unexpected tensor extra"),
         (lambda p: os.remove(os.path.join(p, "model.safetensors")),
          r"no weights in .*broken: expected model\.safetensors or model\.safetensors\.index\.json"),
+        (_truncate_weights, r"broken/model\.safetensors cannot be read .*truncated or damaged"),
+        (_malform_config, r"broken/config\.json is not valid JSON"),
+        (edit_tensors(_nan_embedding), r"broken: tensor model\.embed_tokens\.weight has non-finite values"),
     ],
     ids=["missing-path", "no-config", "model-type", "rope-type", "missing-tensor", "wrong-shape", "unexpected-tensor",
-         "no-weights"],
+         "no-weights", "truncated-weights", "malformed-config", "non-finite-weights"],
 )
 def test_bad_checkpoint_gives_one_clear_error_line(tmp_path, edit, message):
     path = broken_copy(tmp_path, edit)

@@ -1,9 +1,12 @@
 """The SFT stage: traces re-tokenized by the student, a sharded run equal to one device, exact resumption,
-non-finite steps, the run directory (metrics, plot, export that reloads with identical logits), --init_from."""
+non-finite steps, the run directory (metrics, plot, export that reloads with identical logits), --init_from,
+and what a run directory refuses (another run's config, deleting what is not a run, non-finite exports)."""
 
 import dataclasses
 import json
 import os
+import shutil
+import stat
 
 import jax
 import numpy as np
@@ -13,8 +16,8 @@ from grpo_jax.checkpoint import Checkpointer
 from grpo_jax.demo_base import SHIPPED_DIR, train_tokenizer
 from grpo_jax.models import ModelConfig, Transformer, load_pretrained, load_tokenizer, save_pretrained
 from grpo_jax.optim import make_optimizer
-from grpo_jax.rejection import write_traces
-from grpo_jax.runs import resolve_init
+from grpo_jax.rejection import read_traces, write_traces
+from grpo_jax.runs import export_policy, prepare_output_dir, resolve_init
 from grpo_jax.sft import SFTConfig, iterate_batches, pack_documents, sft_train
 from grpo_jax.sft_trainer import SFTRunConfig, run_sft, sft_examples
 from grpo_jax.sharding import make_mesh, parse_mesh
@@ -170,3 +173,77 @@ def test_resolve_init(tmp_path, sft_run):
     (tmp_path / "unfinished" / "checkpoints").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="has no final/ export: it has not finished"):
         resolve_init(tmp_path / "unfinished")
+
+
+def test_export_is_readable_by_all_and_carries_no_loading_flags(sft_run):
+    final = os.path.join(sft_run[0].output_dir, "final")
+    mode = lambda name: stat.S_IMODE(os.stat(os.path.join(final, name)).st_mode)  # noqa: E731
+    assert mode("model.safetensors") == mode("config.json")  # the umask's, as every other file (not 0600)
+    with open(os.path.join(final, "tokenizer_config.json")) as f:
+        assert "local_files_only" not in json.load(f)
+
+
+def test_non_finite_weights_are_never_exported(tmp_path):
+    model = Transformer(TINY)
+    params = model.init(jax.random.key(0))
+    params["embed"] = params["embed"].at[3, 1].set(np.inf)
+    with pytest.raises(FloatingPointError, match="not finite"):
+        export_policy(model, params, None, str(tmp_path / "final"))
+    assert not (tmp_path / "final").exists()
+
+
+def test_a_sft_run_resumes_from_a_chosen_earlier_step_with_another_learning_rate(sft_run, tmp_path):
+    config, _ = sft_run
+    run_dir = tmp_path / "moved"
+    shutil.copytree(config.output_dir, run_dir)  # a moved run is the same run
+    branch = dataclasses.replace(config, output_dir=str(run_dir) + "/", resume_step=2, learning_rate=1e-4)
+    assert run_sft(branch)["steps"] == 4
+    assert sorted(int(d) for d in os.listdir(run_dir / "checkpoints") if d.isdigit()) == [2, 4]
+    with open(run_dir / "metrics.jsonl") as f:
+        resumed = [json.loads(line) for line in f][4:]  # after the 4 steps of the original run
+    assert [m["step"] for m in resumed] == [3, 4]
+    assert resumed[0]["learning_rate"] < 1e-4  # the new, lower rate (on its cosine) after step 2
+
+
+def test_malformed_trace_line_names_the_file_and_line(tmp_path):
+    path = tmp_path / "traces.jsonl"
+    path.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": \n')
+    with pytest.raises(ValueError, match=rf"{path}, line 2: not a JSON object"):
+        read_traces(str(path))
+
+
+# ---------------------------------------------------------------------------------------------- run directories
+
+
+RUN = {"model": "models/base", "data": "traces.jsonl", "output_dir": "runs/a", "learning_rate": 1e-3}
+
+
+def test_the_same_run_spelled_or_placed_differently_is_resumed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    prepare_output_dir("runs/a", RUN, overwrite=False)
+    for spelling in ("runs/a/", "./runs/a", str(tmp_path / "runs" / "a")):
+        prepare_output_dir(spelling, {**RUN, "output_dir": spelling, "model": "./models/base/"}, overwrite=False)
+    shutil.copytree("runs/a", "elsewhere/b")  # a moved or copied run: same config, other output_dir
+    prepare_output_dir("elsewhere/b", {**RUN, "output_dir": "elsewhere/b"}, overwrite=False)
+    with pytest.raises(ValueError, match=r"different config \(learning_rate differ\)"):
+        prepare_output_dir("runs/a", {**RUN, "learning_rate": 0.5}, overwrite=False)
+
+
+def test_overwrite_deletes_only_a_run_of_ours_that_holds_no_model_being_read(tmp_path, teacher_tokenizer):
+    model_dir = tmp_path / "model"
+    save_pretrained(Transformer(TINY), Transformer(TINY).init(jax.random.key(0)), model_dir)
+    (model_dir / "NOTES.txt").write_text("keep me")
+    config = {**RUN, "model": str(model_dir)}
+    for overwrite in (False, True):  # a model directory, not a run: never deleted
+        with pytest.raises(ValueError, match="no grpo_jax run wrote"):
+            prepare_output_dir(str(model_dir), config, overwrite=overwrite, reads=(str(model_dir),))
+    assert sorted(os.listdir(model_dir)) == ["NOTES.txt", "config.json", "generation_config.json", "model.safetensors"]
+
+    run_dir = tmp_path / "run"
+    prepare_output_dir(str(run_dir), RUN, overwrite=False)
+    shutil.copytree(model_dir, run_dir / "final")
+    with pytest.raises(ValueError, match="--overwrite would delete .*the model this run starts from"):
+        prepare_output_dir(str(run_dir), {**RUN, "seed": 1}, overwrite=True, reads=(str(run_dir / "final"),))
+    assert (run_dir / "final" / "model.safetensors").exists()
+    prepare_output_dir(str(run_dir), {**RUN, "seed": 1}, overwrite=True, reads=(str(model_dir),))
+    assert os.listdir(run_dir) == ["config.json"]  # another run of ours: deleted, then started afresh

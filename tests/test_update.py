@@ -18,7 +18,7 @@ import pytest
 
 from grpo_jax.grpo import GRPOConfig, TrainBatch, TrainState, group_advantages, grpo_loss, make_update_fn
 from grpo_jax.models import ModelConfig, Transformer
-from grpo_jax.optim import OptimizerConfig, learning_rate_schedule, make_optimizer
+from grpo_jax.optim import OptimizerConfig, guarded_update, learning_rate_schedule, make_optimizer
 from grpo_jax.sharding import MeshConfig, batch_sharding, make_mesh, replicated, shard_params
 
 MODEL = Transformer(
@@ -279,6 +279,25 @@ def test_update_compiles_once(adam_update):
     }
     assert set(metrics) == expected
     assert all(np.isfinite(float(v)) for v in metrics.values())
+
+
+def test_an_update_that_overflows_the_weights_is_skipped():
+    """Finite loss and gradient, but a step so large that the new weights overflow float32: not applied."""
+    params = {"w": jnp.array([1.0, 2.0, 3.0])}
+    optimizer = optax.sgd(1e38)
+    opt_state = optimizer.init(params)
+    new_params, _, metrics = guarded_update(optimizer, params, opt_state, {"w": jnp.array([-10.0, 0.0, 0.0])},
+                                            jnp.float32(0.5))
+    assert int(metrics["skipped"]) == 1 and np.isfinite(float(metrics["grad_norm"]))
+    np.testing.assert_array_equal(new_params["w"], params["w"])
+
+
+def test_learning_rates_no_run_survives_are_refused():
+    for learning_rate in (1e40, 2.0, float("inf"), float("nan"), 0.0):  # 1e40 overflows float32
+        with pytest.raises(ValueError, match="learning_rate must be in"):
+            OptimizerConfig(learning_rate=learning_rate)
+    with pytest.warns(UserWarning, match="usually diverges"):
+        OptimizerConfig(learning_rate=0.1)
 
 
 def test_non_finite_steps_are_skipped(adam_update):
