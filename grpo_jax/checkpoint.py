@@ -119,13 +119,16 @@ class Checkpointer:
         step = steps[-1] if step is None else step
         if step not in steps:
             raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; available steps: {steps}")
+        _drop_closed_loop_callbacks()
         try:
             return step, self._manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # Orbax/TensorStore raise many types; report them all the same way
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            reason = reason if len(reason) <= 200 else reason[:200] + "..."  # TensorStore appends its whole spec
             raise CheckpointError(
                 f"cannot restore step {step} from {os.path.join(self.directory, str(step))} ({reason}); if it is "
-                f"damaged, restore an earlier step (available: {steps}) or delete that directory"
+                f"damaged, restore an earlier step (available: {steps}; the scripts' --resume_step) or delete that "
+                "directory"
             ) from e
 
     def delete_after(self, step: int) -> None:
@@ -154,13 +157,32 @@ def all_finite(tree) -> bool:
     return bool(_tree_is_finite(tree))
 
 
-def resume_advice(checkpointer: Checkpointer | None) -> str:
-    """How to go on after a run stopped on a divergence: its checkpoints (finite, as every saved one is)."""
+def _drop_closed_loop_callbacks() -> None:
+    """When a restore fails, TensorStore still completes the reads Orbax had started, and their callbacks find
+    Orbax's event loop closed: each would print a traceback (37 of them for a damaged GRPO step) around the one
+    line that reports the damage. Only that RuntimeError is dropped; every other unraisable error is shown."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop_callbacks", False):
+        return
+
+    def hook(unraisable):
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.drops_closed_loop_callbacks = True
+    sys.unraisablehook = hook
+
+
+def resume_advice(checkpointer: Checkpointer | None, good_until: int | None = None) -> str:
+    """How to go on after a run stopped on a divergence: resume from its newest checkpoint at or before step
+    `good_until` (None: the newest; every saved checkpoint is finite)."""
     steps = checkpointer.all_steps() if checkpointer is not None else []
-    if not steps:
-        return "no checkpoint was saved: start again with a lower --learning_rate"
-    return (f"the newest checkpoint from before it is step {steps[-1]} (kept: {steps}) in {checkpointer.directory}: "
-            f"re-run with --resume_step {steps[-1]} (or an earlier step) and a lower --learning_rate")
+    good = [step for step in steps if good_until is None or step <= good_until]
+    if not good:
+        return f"no checkpoint from before it is kept ({steps}): start again with a lower --learning_rate"
+    return (f"the last good checkpoint is step {good[-1]} (kept: {steps}) in {checkpointer.directory}: re-run with "
+            f"--resume_step {good[-1]} (or an earlier step) and a lower --learning_rate")
 
 
 def abstract_with_shardings(tree, shardings):

@@ -90,9 +90,9 @@ def load_policy(model: str | os.PathLike, dtype: str = "float32", remat: bool = 
 
 RUN_MARKER = "grpo_jax_run"  # a key of the config.json that a stage writes: the directory is a run of ours
 # Config fields that name files: compared as absolute paths, so that "runs/a", "./runs/a/" and its absolute
-# path are the same. The output directory itself is never compared: a moved or copied run is the same run.
+# path are the same. Where a run lives is never compared: a moved or copied run is the same run.
 PATH_FIELDS = ("model", "data", "checkpoint_dir", "teacher", "student")
-NOT_COMPARED = ("output_dir", RUN_MARKER)
+NOT_COMPARED = ("output_dir", "checkpoint_dir", RUN_MARKER)
 
 
 def run_config(config: dict) -> dict:

@@ -380,7 +380,7 @@ class Trainer:
             while self.step < cfg.steps and not self._preempted:
                 metrics = self.train_step()
                 self.step += 1
-                collapse = guard.update(metrics)
+                collapse = guard.update(self.step, metrics)
                 if cfg.ref_refresh_every and self.ref_params is not None and self.step % cfg.ref_refresh_every == 0:
                     self.ref_params = jax.tree.map(jnp.copy, self.state.params)
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps and not collapse:
@@ -388,7 +388,7 @@ class Trainer:
                 self.writer.write(self.step, metrics)
                 if collapse:
                     self.checkpointer.wait()
-                    raise FloatingPointError(f"{collapse} at step {self.step}; {resume_advice(self.checkpointer)}")
+                    raise FloatingPointError(f"{collapse} at step {self.step}; {resume_advice(self.checkpointer, guard.good_until)}")
                 if not guard.stalled:  # unchanged weights: saving them would only rotate out an earlier step
                     self.save()
                 bar.update(1)
@@ -426,24 +426,31 @@ class Trainer:
 class CollapseGuard:
     """Counts the steps in a row that did not train: updates skipped as non-finite, and steps whose every
     group is tied at reward 0 (nothing to learn from: the policy has collapsed). `update` returns why the run
-    must stop, or "" while it may go on."""
+    must stop, or "" while it may go on; `good_until` is then the last step whose weights are good."""
 
     def __init__(self, max_non_finite: int, max_zero_reward: int):
         self.max_non_finite, self.max_zero_reward = max_non_finite, max_zero_reward
         self.non_finite = self.zero_reward = 0
+        self.last_scoring_step = 0
+        self.good_until = 0
 
     @property
     def stalled(self) -> bool:
         return bool(self.non_finite or self.zero_reward)
 
-    def update(self, metrics: dict) -> str:
+    def update(self, step: int, metrics: dict) -> str:
         self.non_finite = self.non_finite + 1 if metrics.get("skipped", 0) else 0
         tied_at_zero = metrics["frac_zero_variance_groups"] == 1 and metrics["reward/mean"] == 0
         self.zero_reward = self.zero_reward + 1 if tied_at_zero else 0
+        if not tied_at_zero:
+            self.last_scoring_step = step
         if self.non_finite >= self.max_non_finite:
+            self.good_until = step  # skipped updates changed nothing: the weights are those of the last update
             return (f"the policy diverged: {self.non_finite} updates in a row had a non-finite loss, gradient or "
                     "result (skipped)")
         if self.max_zero_reward and self.zero_reward >= self.max_zero_reward:
+            # Step s samples from the weights of step s - 1: those of the last step that scored were still good.
+            self.good_until = self.last_scoring_step - 1
             return (f"the policy collapsed: {self.zero_reward} steps in a row scored reward 0 on every sample (no "
                     "update; --max_zero_reward_steps 0 turns this check off)")
         return ""

@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -11,6 +13,7 @@ import time
 import pytest
 
 import experiment_scripts
+from grpo_jax.trainer import CollapseGuard
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "experiments", "r1zero.py")
@@ -125,10 +128,11 @@ def test_sigterm_saves_the_current_step(cache_dir, tmp_path):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out[-3000:]
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]  # a scheduler tells preemption from success
     logged = max(r["step"] for r in read_jsonl(metrics))
     steps = sorted(int(d) for d in os.listdir(out_dir / "checkpoints") if d.isdigit())
     assert steps and steps[-1] == logged
+    assert f"preempted: step {logged} is saved in {out_dir / 'checkpoints'}; re-run the same command" in out
 
 
 def test_output_dir_with_another_config_is_refused(smoke_run, cache_dir):
@@ -145,6 +149,9 @@ def test_output_dir_with_another_config_is_refused(smoke_run, cache_dir):
     (["--task", "nope"], "unknown task"),
     (["--task", "gsm8k", "--data", "/nonexistent/gsm8k.jsonl"], "/nonexistent/gsm8k.jsonl"),
     (["--model", "/nonexistent/model"], "/nonexistent/model"),
+    (["--init_from", "/nonexistent/run"], "/nonexistent/run"),
+    (["--learning_rate", "1e40"], "learning_rate must be in (0, 1], got 1e+40"),
+    (["--no_truncate_prompts", "--max_prompt_len", "16"], "exceed max_prompt_len=16 tokens"),
 ])
 def test_bad_flags_fail_with_a_clear_message(cache_dir, tmp_path, flags, message):
     env = dict(os.environ, GRPO_JAX_CACHE=str(cache_dir))
@@ -152,6 +159,83 @@ def test_bad_flags_fail_with_a_clear_message(cache_dir, tmp_path, flags, message
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert message in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    # Refused before the run starts: before any compile, and nothing written (a corrected rerun is not refused).
+    assert not (tmp_path / "bad").exists()
+
+
+def test_another_runs_checkpoint_dir_is_refused_not_resumed(smoke_run, cache_dir, tmp_path):
+    other_checkpoints = smoke_run[0] / "checkpoints"
+    before = sorted(os.listdir(other_checkpoints))
+    proc = subprocess.run([sys.executable, SCRIPT, "--preset", "smoke", "--output_dir", str(tmp_path / "mine"),
+                           "--checkpoint_dir", str(other_checkpoints), "--learning_rate", "3e-4"],
+                          env=dict(os.environ, GRPO_JAX_CACHE=str(cache_dir)), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0
+    assert (f"--checkpoint_dir {other_checkpoints} holds the checkpoints of another run (optim.learning_rate differ)"
+            in proc.stderr.strip().splitlines()[-1]), proc.stderr[-2000:]
+    assert sorted(os.listdir(other_checkpoints)) == before and not (tmp_path / "mine").exists()
+
+
+def test_damaged_checkpoint_of_a_moved_run_is_one_line_with_the_steps(smoke_run, cache_dir, tmp_path):
+    moved = tmp_path / "moved"
+    shutil.copytree(smoke_run[0], moved)  # a moved run is the same run: resumed, not "output_dir differ"
+    steps = sorted(int(d) for d in os.listdir(moved / "checkpoints") if d.isdigit())
+    shutil.rmtree(moved / "checkpoints" / "4" / "state" / "d")
+    proc = subprocess.run([sys.executable, SCRIPT, "--preset", "smoke", "--output_dir", f"{moved}/", "--steps", "4"],
+                          env=dict(os.environ, GRPO_JAX_CACHE=str(cache_dir)), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert re.search(rf"^error: cannot restore step 4 from .*moved/checkpoints/4 .*available: {re.escape(str(steps))}",
+                     proc.stderr.strip().splitlines()[-1]), proc.stderr[-2000:]
+
+
+def test_collapse_guard_counts_steps_without_an_update():
+    guard = CollapseGuard(max_non_finite=2, max_zero_reward=3)
+    tied_at_zero = {"reward/mean": 0.0, "frac_zero_variance_groups": 1.0, "skipped_zero_advantage": 1}
+    tied_at_one = {"reward/mean": 1.0, "frac_zero_variance_groups": 1.0, "skipped_zero_advantage": 1}
+    learning = {"reward/mean": 0.25, "frac_zero_variance_groups": 0.5, "skipped": 0}
+    metrics = (tied_at_zero, tied_at_zero, learning, tied_at_one)
+    assert [guard.update(step, m) for step, m in enumerate(metrics, 1)] == [""] * 4
+    assert not guard.stalled  # all solved: nothing to learn, but no collapse either
+    assert guard.update(5, tied_at_zero) == "" and guard.stalled and guard.update(6, tied_at_zero) == ""
+    assert guard.update(7, tied_at_zero).startswith("the policy collapsed: 3 steps in a row scored reward 0")
+    assert guard.good_until == 3  # step 4 still scored: it sampled from the weights of step 3
+    guard = CollapseGuard(max_non_finite=2, max_zero_reward=0)  # 0: the zero-reward check is off
+    assert [guard.update(step, tied_at_zero) for step in range(50)] == [""] * 50
+    assert guard.update(50, {**learning, "skipped": 1}) == ""
+    assert guard.update(51, {**learning, "skipped": 4}).startswith("the policy diverged: 2 updates in a row")
+    assert guard.good_until == 51  # skipped updates left the (finite) weights as they were
+
+
+@pytest.mark.slow
+def test_collapsed_policy_stops_with_the_step_to_resume_from(cache_dir, tmp_path):
+    """Warming up to learning rate 0.5 (0 at step 1), the demo policy scores 0 everywhere from step 3 on (no
+    update: every group is tied). The run stops and names the last checkpoint whose policy still scored (step 1:
+    step 2 sampled from it); --resume_step goes on from it at a lower rate, and scores again."""
+    out_dir = tmp_path / "collapsed"
+    env = dict(os.environ, GRPO_JAX_CACHE=str(cache_dir))
+    flags = ["--preset", "smoke", "--output_dir", str(out_dir), "--steps", "12", "--save_every", "1"]
+    proc = subprocess.run([sys.executable, SCRIPT, *flags, "--learning_rate", "0.5", "--warmup_steps", "4",
+                           "--max_zero_reward_steps", "3"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "the policy collapsed: 3 steps in a row scored reward 0" in last, proc.stderr[-2000:]
+    steps = sorted(int(d) for d in os.listdir(out_dir / "checkpoints") if d.isdigit())
+    assert steps == [1, 2]  # the stalled steps changed nothing and rotated nothing out
+    assert "the last good checkpoint is step 1 (kept: [1, 2])" in last and "--resume_step 1" in last
+    assert not (out_dir / "final").exists()
+    records = read_jsonl(out_dir / "metrics.jsonl")
+    assert [r["reward/mean"] for r in records[-3:]] == [0.0] * 3
+
+    run_smoke(out_dir, cache_dir, "--steps", "3", "--save_every", "1", "--resume_step", "1",
+              "--learning_rate", "1e-4", "--warmup_steps", "0")
+    config = json.loads((out_dir / "config.json").read_text())
+    assert config["optim"]["learning_rate"] == 1e-4 and config["resume_step"] == 1
+    assert json.loads((out_dir / "summary.json").read_text())["steps"] == 3
+    assert read_jsonl(out_dir / "metrics.jsonl")[-1]["reward/mean"] > 0
 
 
 @pytest.mark.slow
