@@ -112,7 +112,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume_step", type=int, help="resume from this checkpoint instead of the latest (deleting later "
                    "ones), e.g. the last good step of a diverged run; it may change the optimizer flags")
     p.add_argument("--max_zero_reward_steps", type=int, default=20,
-                   help="stop when this many steps in a row score reward 0 on every sample (a collapsed policy); 0: never")
+                   help="stop when this many steps in a row score reward 0 on every sample (a collapsed "
+                   "policy); 0: never")
     p.add_argument("--overwrite", action="store_true", help="replace a run with a different config in --output_dir")
     p.add_argument("--eval_only", action="store_true", help="evaluate --model (R1 protocol) and exit")
     return p.parse_args(argv)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import shutil
 import signal
@@ -107,9 +108,16 @@ def run_config(config: dict) -> dict:
 def config_differences(saved: dict, config: dict, resumable: Sequence[str] = ()) -> list[str]:
     """The fields (dotted, "a.b" for field b of the nested config a) in which a saved run's config and
     `config` differ, apart from the `resumable` ones, which may change between a run and its resumption."""
-    saved, now = _dotted(run_config(saved)), _dotted(run_config(config))
+    saved, now = flat_fields(run_config(saved)), flat_fields(run_config(config))
     skip = set(resumable) | set(NOT_COMPARED)
     return sorted(k for k in set(saved) | set(now) if k not in skip and saved.get(k) != now.get(k))
+
+
+def check_finite(config: dict) -> None:
+    """Every number of a (nested) config is finite: a NaN or infinite hyperparameter is refused at the door."""
+    for name, value in flat_fields(config).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value}")
 
 
 def check_output_dir(output_dir: str, config: dict, *, overwrite: bool, resumable: Sequence[str] = (),
@@ -160,12 +168,12 @@ def _inside(path: str, directory: str) -> bool:
     return os.path.commonpath([path, directory]) == directory
 
 
-def _dotted(config: dict, prefix: str = "") -> dict:
-    """{"a": {"b": 1}} -> {"a.b": 1}: nested configs compared field by field."""
+def flat_fields(config: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}: nested configs compared (or checked) field by field."""
     flat = {}
     for key, value in config.items():
         if isinstance(value, dict):
-            flat.update(_dotted(value, f"{prefix}{key}."))
+            flat.update(flat_fields(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat

@@ -20,7 +20,15 @@ from grpo_jax.checkpoint import Checkpointer, sigterm_caught
 from grpo_jax.data import render_prompt
 from grpo_jax.metrics import MetricsWriter, plot_metrics
 from grpo_jax.rejection import read_traces
-from grpo_jax.runs import FINAL_DIR, Preempted, export_policy, load_policy, prepare_output_dir, write_json
+from grpo_jax.runs import (
+    FINAL_DIR,
+    Preempted,
+    check_finite,
+    export_policy,
+    load_policy,
+    prepare_output_dir,
+    write_json,
+)
 from grpo_jax.sft import SFTConfig, completion_example, iterate_batches, pack_documents, pad_documents, sft_train
 from grpo_jax.sharding import is_main_process, make_mesh, parse_mesh
 from grpo_jax.text import bucket_length
@@ -70,6 +78,7 @@ class SFTRunConfig:
                              f"epochs ({self.epochs}) > 0")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        check_finite(dataclasses.asdict(self))
 
 
 def sft_examples(records: Sequence[dict], tokenizer, template: str | None = None):

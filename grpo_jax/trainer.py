@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import time
 from typing import Any
@@ -47,6 +46,7 @@ from grpo_jax.rollout import (
 from grpo_jax.runs import (
     FINAL_DIR,
     Preempted,
+    check_finite,
     check_output_dir,
     config_differences,
     export_policy,
@@ -129,9 +129,9 @@ class TrainConfig:
         if self.max_zero_reward_steps < 0 or (self.resume_step is not None and self.resume_step < 0):
             raise ValueError(f"max_zero_reward_steps ({self.max_zero_reward_steps}) and resume_step "
                              f"({self.resume_step}) must be >= 0")
-        if not (math.isfinite(self.temperature) and self.temperature >= 0 and 0 < self.top_p <= 1):
-            raise ValueError(f"temperature must be finite and >= 0, and top_p in (0, 1]; got {self.temperature} and "
-                             f"{self.top_p}")
+        check_finite(self.to_dict())
+        if not (self.temperature >= 0 and 0 < self.top_p <= 1):
+            raise ValueError(f"temperature must be >= 0 and top_p in (0, 1]; got {self.temperature} and {self.top_p}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
         if self.grpo.temperature != (self.temperature or 1.0):
@@ -388,7 +388,8 @@ class Trainer:
                 self.writer.write(self.step, metrics)
                 if collapse:
                     self.checkpointer.wait()
-                    raise FloatingPointError(f"{collapse} at step {self.step}; {resume_advice(self.checkpointer, guard.good_until)}")
+                    advice = resume_advice(self.checkpointer, guard.good_until)
+                    raise FloatingPointError(f"{collapse} at step {self.step}; {advice}")
                 if not guard.stalled:  # unchanged weights: saving them would only rotate out an earlier step
                     self.save()
                 bar.update(1)

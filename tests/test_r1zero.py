@@ -151,6 +151,7 @@ def test_output_dir_with_another_config_is_refused(smoke_run, cache_dir):
     (["--model", "/nonexistent/model"], "/nonexistent/model"),
     (["--init_from", "/nonexistent/run"], "/nonexistent/run"),
     (["--learning_rate", "1e40"], "learning_rate must be in (0, 1], got 1e+40"),
+    (["--beta", "nan"], "grpo.beta must be a finite number, got nan"),
     (["--no_truncate_prompts", "--max_prompt_len", "16"], "exceed max_prompt_len=16 tokens"),
 ])
 def test_bad_flags_fail_with_a_clear_message(cache_dir, tmp_path, flags, message):
