@@ -310,37 +310,36 @@ def sft_train(
     shape, losses, skipped, consecutive_skips = None, [], [], 0
     bar = tqdm(total=config.num_steps, initial=start_step, desc=description, disable=not progress)
     started, step, stop = time.perf_counter(), start_step, False
-    while step < config.num_steps and not stop:
-        try:
-            batch = next(batches)
-        except StopIteration:
-            raise ValueError(f"batches ran out after {step} of {config.num_steps} steps: "
-                             "give an endless iterator (e.g. iterate_batches) or lower num_steps") from None
-        shape = _check_batch(batch, shape, model.config.vocab_size)
-        params, opt_state, metrics = train_step(params, opt_state, placement.put_batch(batch))
-        step += 1
-        losses.append(metrics["loss"])
-        skipped.append(metrics["skipped"])
-        bar.update(1)
-        if step % config.log_every == 0 or step == config.num_steps:
-            # One device sync per report, not per step.
-            losses, skipped = np.asarray(jax.device_get(losses)), np.asarray(jax.device_get(skipped))
-            report = _report(metrics, losses, skipped, step, start_step, started)
-            consecutive_skips = _trailing_skips(skipped, consecutive_skips)
-            losses, skipped = [], []
-            bar.set_postfix(loss=f"{report['loss']:.4f}")
-            if metrics_callback is not None:
-                metrics_callback(step, report)
-            if consecutive_skips >= config.max_consecutive_skips:
-                bar.close()
-                raise FloatingPointError(
-                    f"{consecutive_skips} SFT steps in a row had a non-finite loss, gradient or result (skipped) at "
-                    f"step {step}; {resume_advice(checkpointer)}")
-        stop = should_stop()
-        if checkpointer is not None:
-            checkpointer.save(step, {"params": params, "opt_state": opt_state}, {"step": step},
-                              force=step == config.num_steps or stop)
-    bar.close()
+    with bar:  # closed before any error is reported, so the error is the last line
+        while step < config.num_steps and not stop:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                raise ValueError(f"batches ran out after {step} of {config.num_steps} steps: "
+                                 "give an endless iterator (e.g. iterate_batches) or lower num_steps") from None
+            shape = _check_batch(batch, shape, model.config.vocab_size)
+            params, opt_state, metrics = train_step(params, opt_state, placement.put_batch(batch))
+            step += 1
+            losses.append(metrics["loss"])
+            skipped.append(metrics["skipped"])
+            bar.update(1)
+            if step % config.log_every == 0 or step == config.num_steps:
+                # One device sync per report, not per step.
+                losses, skipped = np.asarray(jax.device_get(losses)), np.asarray(jax.device_get(skipped))
+                report = _report(metrics, losses, skipped, step, start_step, started)
+                consecutive_skips = _trailing_skips(skipped, consecutive_skips)
+                losses, skipped = [], []
+                bar.set_postfix(loss=f"{report['loss']:.4f}")
+                if metrics_callback is not None:
+                    metrics_callback(step, report)
+                if consecutive_skips >= config.max_consecutive_skips:
+                    raise FloatingPointError(
+                        f"{consecutive_skips} SFT steps in a row had a non-finite loss, gradient or result "
+                        f"(skipped) at step {step}; {resume_advice(checkpointer)}")
+            stop = should_stop()
+            if checkpointer is not None:
+                checkpointer.save(step, {"params": params, "opt_state": opt_state}, {"step": step},
+                                  force=step == config.num_steps or stop)
     if checkpointer is not None:
         checkpointer.wait()
     return params, step
