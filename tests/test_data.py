@@ -117,7 +117,7 @@ def test_task_rejects_overlapping_splits_and_bad_examples():
 
 
 def test_reward_overrides():
-    task = load_task("countdown", num_train=10, num_eval=5, reward_names=["countdown"])
+    task = load_task("countdown", num_train=10, num_eval=5, reward_funcs=["countdown"])
     assert task.reward_fns == (rewards.countdown_reward,) and task.reward_weights == (1.0,)
     task = load_task("countdown", num_train=10, num_eval=5, reward_weights=[0.1, 1.0])
     assert task.reward_fns == (rewards.format_reward, rewards.countdown_reward)
@@ -128,7 +128,8 @@ def test_reward_overrides():
 
 def test_batch_columns_repeat_each_example_for_its_group():
     examples = [{"prompt": "a", "answer": "1", "x": 10}, {"prompt": "b", "answer": "2", "x": 20}]
-    assert batch_columns(examples, repeat=2) == {"answer": ["1", "1", "2", "2"], "x": [10, 10, 20, 20]}
+    assert batch_columns(examples, repeat=2) == {"answer": ["1", "1", "2", "2"], "x": [10, 10, 20, 20],
+                                                 "solution": ["1", "1", "2", "2"]}
 
 
 def test_split_examples_from_one_file():
