@@ -387,6 +387,10 @@ def check_reward_signature(fn: RewardFn, columns: Sequence[str]) -> None:
         ) from None
 
 
+class RewardFunctionError(ValueError):
+    """A reward function raised, or returned something other than one finite float or None per completion."""
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainerState:
     """The training progress a reward function sees as `trainer_state` (the fields of TRL's it uses most)."""
@@ -438,19 +442,19 @@ def _call_reward_fn(fn: RewardFn, kwargs: dict) -> np.ndarray:
         bad = _first_failing_example(fn, kwargs, n)
         where = _describe_example(bad, prompts, completions) if bad is not None else f"a batch of {n}"
         columns = sorted(set(kwargs) - set(REWARD_ARGUMENTS))
-        raise RuntimeError(
+        raise RewardFunctionError(
             f"reward function {name!r} raised {type(error).__name__}: {error} (on {where}; "
             f"columns given: {columns})"
         ) from error
     if len(rewards) != n:
-        raise ValueError(
+        raise RewardFunctionError(
             f"reward function {name!r} returned {len(rewards)} rewards for {n} completions; it must return "
             f"one float or None per completion (first: {_describe_example(0, prompts, completions)})"
         )
     for i, reward in enumerate(rewards):
         valid = reward is None or (isinstance(reward, (int, float, np.number)) and math.isfinite(reward))
         if not valid:
-            raise ValueError(
+            raise RewardFunctionError(
                 f"reward function {name!r} returned {reward!r}, not a finite float or None (None: does not "
                 f"apply), on {_describe_example(i, prompts, completions)}"
             )
@@ -494,7 +498,8 @@ def compute_rewards(
     return RewardResult(total=total, per_function=per_function)
 
 
-def _nan_mean_std(values: np.ndarray) -> tuple[float, float]:
+def nan_mean_std(values: np.ndarray) -> tuple[float, float]:
+    """Mean and std over the entries that are not NaN (rewards that apply); NaN when none is."""
     present = values[~np.isnan(values)]
     if present.size == 0:
         return math.nan, math.nan
@@ -506,5 +511,5 @@ def reward_stats(result: RewardResult) -> dict[str, float]:
     when it applies to none), plus `rewards/total/mean` and `/std` of the weighted sum."""
     stats = {}
     for name, values in {**result.per_function, "total": result.total}.items():
-        stats[f"rewards/{name}/mean"], stats[f"rewards/{name}/std"] = _nan_mean_std(values)
+        stats[f"rewards/{name}/mean"], stats[f"rewards/{name}/std"] = nan_mean_std(values)
     return stats

@@ -4,7 +4,12 @@ import numpy as np
 import pytest
 
 from grpo_jax.data import load_task
-from grpo_jax.evaluate import majority_vote_scores, score_samples
+from grpo_jax.evaluate import Samples, majority_vote_scores, score_samples
+
+
+def samples(texts):
+    """Hand-written completions, each one token long (no reward here reads the ids)."""
+    return Samples(list(texts), [[1]] * len(texts))
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +40,7 @@ def test_score_samples_by_hand():
         " <think> 2+2=4 </think> <answer> 5 </answer>",  # formatted, wrong
         " <think> x </think> <answer>4</answer>",          # formatted, correct
     ]
-    m = score_samples(task, examples, ["p1", "p2"], completions, num_samples=3)
+    m = score_samples(task, examples, ["p1", "p2"], samples(completions), num_samples=3)
     assert m["pass@1"] == pytest.approx(2 / 6)
     assert m["pass@3"] == pytest.approx(1.0)           # each problem has one correct sample
     assert m["cons@3"] == pytest.approx(0.5)           # problem 1: 2 vs 3 vs none -> "2" (first) correct; problem 2: "5" wins
@@ -47,5 +52,5 @@ def test_score_samples_uses_the_task_s_correctness_reward(task):
     ex = task.eval[0]
     expression = ex["answer"]
     completions = [f" <think> try </think> <answer> {expression} </answer>", " <think> </think> <answer> 1 </answer>"]
-    m = score_samples(task, [ex], ["p"], completions, num_samples=2)
+    m = score_samples(task, [ex], ["p"], samples(completions), num_samples=2)
     assert m["pass@1"] == pytest.approx(0.5) and m["pass@2"] == 1.0

@@ -1,8 +1,9 @@
-"""Rejection sampling keeps exactly the traces that pass every reward, deduplicated; nothing passing is an error."""
+"""Rejection sampling keeps exactly the correct, well-formatted traces, deduplicated; nothing passing is an error."""
 
 import pytest
 
 from grpo_jax.data import Task
+from grpo_jax.evaluate import Samples
 from grpo_jax.rejection import read_traces, select_passing, write_traces
 from grpo_jax.rewards import accuracy_reward, format_reward
 
@@ -22,7 +23,7 @@ def test_keeps_exactly_the_passing_traces(tmp_path):
         " <think> hm </think> <answer> 5 </answer>",  # passes
         GOOD_2,                                     # passes, but over max_per_prompt=1
     ]
-    records = select_passing(EXAMPLES, ["p1", "p2"], completions, TASK, num_samples=3, max_per_prompt=1,
+    records = select_passing(EXAMPLES, ["p1", "p2"], Samples(completions, [[1]] * 6), TASK, num_samples=3, max_per_prompt=1,
                              teacher="t")
     assert [(r["question"], r["completion"]) for r in records] == [("1+1", GOOD_1),
                                                                    ("2+3", " <think> hm </think> <answer> 5 </answer>")]
@@ -34,5 +35,5 @@ def test_keeps_exactly_the_passing_traces(tmp_path):
 
 def test_nothing_passing_is_a_clear_error():
     with pytest.raises(ValueError, match=r"kept 0 of 2 traces \(pass rate 0.0%\)"):
-        select_passing(EXAMPLES[:1], ["p"], [" 2", " <answer>2</answer>"], TASK, num_samples=2, max_per_prompt=4,
+        select_passing(EXAMPLES[:1], ["p"], Samples([" 2", " <answer>2</answer>"], [[1], [1]]), TASK, num_samples=2, max_per_prompt=4,
                        teacher="t")
