@@ -22,7 +22,9 @@ import importlib
 import inspect
 import json
 import math
+import os
 import re
+import sys
 from collections.abc import Callable, Sequence
 from fractions import Fraction
 from typing import Any
@@ -330,7 +332,8 @@ REWARD_FUNCTIONS: dict[str, RewardFn] = {
 
 def get_reward_fn(spec: str | RewardFn) -> RewardFn:
     """A reward function from a registered name (the keys of `REWARD_FUNCTIONS`), a dotted import path
-    (`trl.rewards.think_format_reward`, `mypkg.rewards.my_fn`, as TRL's scripts take them), or the callable."""
+    (`trl.rewards.think_format_reward`, `mypkg.rewards.my_fn`, as TRL's scripts take them: modules in the
+    current directory are found too), or the callable."""
     if callable(spec):
         return spec
     if spec in REWARD_FUNCTIONS:
@@ -339,6 +342,8 @@ def get_reward_fn(spec: str | RewardFn) -> RewardFn:
     module_name, _, attribute = spec.rpartition(".")
     if not module_name:
         raise ValueError(f"unknown reward function {spec!r}: {how}")
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
     try:
         fn = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as error:

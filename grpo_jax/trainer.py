@@ -113,6 +113,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        for spec in self.reward_funcs or ():
+            reward_lib.get_reward_fn(spec)  # an unknown name or an unimportable path fails here, before any work
         if self.grpo.temperature != (self.temperature or 1.0):
             raise ValueError(
                 f"grpo.temperature ({self.grpo.temperature}) must equal the sampling temperature ({self.temperature}): "
