@@ -145,13 +145,22 @@ def test_output_dir_with_another_config_is_refused(smoke_run, cache_dir):
     (["--task", "nope"], "unknown task"),
     (["--task", "gsm8k", "--data", "/nonexistent/gsm8k.jsonl"], "/nonexistent/gsm8k.jsonl"),
     (["--model", "/nonexistent/model"], "/nonexistent/model"),
+    (["--reward_funcs", "mypkg.rewards.my_fn"],
+     "reward function 'mypkg.rewards.my_fn' cannot be imported (ModuleNotFoundError: No module named 'mypkg')"),
+    (["--reward_funcs", "trl.rewards.get_soft_overlong_punishment"], "a factory must be called"),
+    # A reward function that raises is named in one line already in the evaluation before training.
+    (["--reward_funcs", "format", "rewards_here.picky"],
+     "reward function 'picky' raised KeyError: 'nums' (on example 0: prompt="),
 ])
 def test_bad_flags_fail_with_a_clear_message(cache_dir, tmp_path, flags, message):
     env = dict(os.environ, GRPO_JAX_CACHE=str(cache_dir))
+    # A module in the current directory is importable by its dotted path, as with TRL's scripts.
+    (tmp_path / "rewards_here.py").write_text("def picky(prompts, completions, **columns):\n    return columns['nums']\n")
     proc = subprocess.run([sys.executable, SCRIPT, "--output_dir", str(tmp_path / "bad"), "--preset", "smoke", *flags],
-                          env=env, capture_output=True, text=True, timeout=300)
+                          env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode != 0
     assert message in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
 
 @pytest.mark.slow
