@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
+from grpo_jax import rewards
 from grpo_jax.data import Task, render_prompt
 from grpo_jax.evaluate import Samples, Scorers, sample_completions, task_rewards
 
@@ -76,6 +77,7 @@ def select_passing(examples: Sequence[dict], prompts: Sequence[str], samples: Sa
     k = num_samples
     scorers = Scorers.for_task(task)
     scores = task_rewards(task, template, examples, prompts, samples, k).per_function
+    names = [rewards.reward_name(fn) for fn in task.reward_fns]  # the metric functions are not recorded
     deciding = [scores[name] for name in (scorers.correct, scorers.format) if name is not None]
     passed = np.all([np.nan_to_num(s, nan=0.0) >= 1.0 for s in deciding], axis=0)
     if not passed.any():
@@ -93,7 +95,7 @@ def select_passing(examples: Sequence[dict], prompts: Sequence[str], samples: Sa
                 records.append({
                     "question": example["prompt"], "prompt": prompts[i], "completion": samples.texts[j],
                     "answer": example.get("answer"),
-                    "rewards": {name: None if np.isnan(s[j]) else float(s[j]) for name, s in scores.items()},
+                    "rewards": {name: None if np.isnan(scores[name][j]) else float(scores[name][j]) for name in names},
                     "teacher": teacher,
                 })
     return records
