@@ -65,7 +65,8 @@ class Scorers:
         correct = next((n for n in candidates if "accuracy" in n or "countdown" in n), None)
         correct = correct or next(iter(candidates), None)
         if correct is None:
-            raise ValueError(f"task {task.name!r} has no correctness reward to evaluate with (only {sorted(all_names)})")
+            raise ValueError(
+                f"task {task.name!r} has no correctness reward to evaluate with (only {sorted(all_names)})")
         return cls(correct=correct, format=format_name, any_format=any_format)
 
 
@@ -105,7 +106,8 @@ def sample_completions(model, params, tokenizer, prompts: Sequence[str], *, num_
             eos_ids=eos_ids, stop_sequences=stops,
         )
         tokens, mask = to_host(out.tokens)[: real * num_samples], to_host(out.mask)[: real * num_samples]
-        samples.texts.extend(truncate_at_stop(t, STOP_STRINGS) for t in decode_completions(tokenizer, tokens, mask, eos_ids))
+        texts = decode_completions(tokenizer, tokens, mask, eos_ids)
+        samples.texts.extend(truncate_at_stop(t, STOP_STRINGS) for t in texts)
         samples.ids.extend(completion_ids(tokens, mask))
     return samples
 

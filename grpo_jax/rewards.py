@@ -347,7 +347,8 @@ def get_reward_fn(spec: str | RewardFn) -> RewardFn:
     try:
         fn = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as error:
-        raise ValueError(f"reward function {spec!r} cannot be imported ({type(error).__name__}: {error}): {how}") from None
+        raise ValueError(
+            f"reward function {spec!r} cannot be imported ({type(error).__name__}: {error}): {how}") from None
     if not callable(fn):
         raise ValueError(f"reward function {spec!r} is a {type(fn).__name__}, not callable: {how}")
     return fn

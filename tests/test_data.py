@@ -152,7 +152,8 @@ def test_reward_overrides():
     assert task.reward_weights == (0.1, 1.0)
     with pytest.raises(ValueError, match="2 reward functions but 1 weights"):
         load_task("countdown", num_train=10, num_eval=5, reward_weights=[1.0])
-    task = load_task("countdown", num_train=10, num_eval=5, reward_funcs=["grpo_jax.rewards.format_reward", "countdown"])
+    task = load_task("countdown", num_train=10, num_eval=5,
+                     reward_funcs=["grpo_jax.rewards.format_reward", "countdown"])
     assert task.reward_fns == (rewards.format_reward, rewards.countdown_reward)
     with pytest.raises(ValueError, match=r"'get_reward_fn' cannot be called with TRL's keyword arguments \(prompts, "
                                          r"completions, completion_ids, trainer_state, answer, nums, target, solution"):

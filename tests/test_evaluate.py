@@ -81,7 +81,8 @@ def test_reward_errors_in_evaluation_are_one_clear_line():
 
     args = (EXAMPLES, ["p1", "p2"], samples([RIGHT] * 32), 16)
     with pytest.raises(RewardFunctionError, match=r"^reward function 'accuracy_needs_nums' raised KeyError: 'nums' "
-                                                  r"\(on example 0: prompt='p1'.*columns given: \['answer', 'solution'\]"):
+                                                  r"\(on example 0: prompt='p1'.*"
+                                                  r"columns given: \['answer', 'solution'\]"):
         score_samples(toy_task(format_reward, accuracy_needs_nums), *args)
     with pytest.raises(RewardFunctionError, match=r"'accuracy_one_short' returned 31 rewards for 32 completions"):
         score_samples(toy_task(accuracy_one_short), *args)

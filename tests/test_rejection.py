@@ -23,7 +23,8 @@ def test_keeps_exactly_the_passing_traces(tmp_path):
         " <think> hm </think> <answer> 5 </answer>",  # passes
         GOOD_2,                                     # passes, but over max_per_prompt=1
     ]
-    records = select_passing(EXAMPLES, ["p1", "p2"], Samples(completions, [[1]] * 6), TASK, num_samples=3, max_per_prompt=1,
+    records = select_passing(EXAMPLES, ["p1", "p2"], Samples(completions, [[1]] * 6), TASK, num_samples=3,
+                             max_per_prompt=1,
                              teacher="t")
     assert [(r["question"], r["completion"]) for r in records] == [("1+1", GOOD_1),
                                                                    ("2+3", " <think> hm </think> <answer> 5 </answer>")]
@@ -35,8 +36,8 @@ def test_keeps_exactly_the_passing_traces(tmp_path):
 
 def test_nothing_passing_is_a_clear_error():
     with pytest.raises(ValueError, match=r"kept 0 of 2 traces \(pass rate 0.0%\)"):
-        select_passing(EXAMPLES[:1], ["p"], Samples([" 2", " <answer>2</answer>"], [[1], [1]]), TASK, num_samples=2, max_per_prompt=4,
-                       teacher="t")
+        select_passing(EXAMPLES[:1], ["p"], Samples([" 2", " <answer>2</answer>"], [[1], [1]]), TASK, num_samples=2,
+                       max_per_prompt=4, teacher="t")
 
 
 def test_penalties_and_none_are_recorded_but_only_correctness_and_format_decide():

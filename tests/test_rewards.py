@@ -249,7 +249,8 @@ def test_compute_rewards_names_the_function_that_raises_and_the_example():
             raise KeyError("cannot score this")
         return [1.0] * len(completions)
 
-    with pytest.raises(rewards.RewardFunctionError, match=r"'picky' raised KeyError.*example 1: prompt='p1', completion='boom"):
+    with pytest.raises(rewards.RewardFunctionError,
+                       match=r"'picky' raised KeyError.*example 1: prompt='p1', completion='boom"):
         compute_rewards([constant, picky], [1.0, 1.0], ["p0", "p1", "p2"], ["fine", "boom" * 100, "fine"])
 
 
@@ -263,7 +264,8 @@ def test_compute_rewards_truncates_long_examples_in_errors():
 
 
 def test_compute_rewards_reports_a_missing_column():
-    with pytest.raises(rewards.RewardFunctionError, match=r"'accuracy_reward' raised TypeError.*columns given: \['nums'\]"):
+    with pytest.raises(rewards.RewardFunctionError,
+                       match=r"'accuracy_reward' raised TypeError.*columns given: \['nums'\]"):
         compute_rewards([accuracy_reward], [1.0], ["p"], ["<answer>1</answer>"], {"nums": [[1]]})
 
 
