@@ -24,8 +24,7 @@ def test_keeps_exactly_the_passing_traces(tmp_path):
         GOOD_2,                                     # passes, but over max_per_prompt=1
     ]
     records = select_passing(EXAMPLES, ["p1", "p2"], Samples(completions, [[1]] * 6), TASK, num_samples=3,
-                             max_per_prompt=1,
-                             teacher="t")
+                             max_per_prompt=1, teacher="t")
     assert [(r["question"], r["completion"]) for r in records] == [("1+1", GOOD_1),
                                                                    ("2+3", " <think> hm </think> <answer> 5 </answer>")]
     assert records[0] == {"question": "1+1", "prompt": "p1", "completion": GOOD_1, "answer": "2",
