@@ -418,6 +418,13 @@ class RewardResult:
     total: np.ndarray
     per_function: dict[str, np.ndarray]
 
+    @property
+    def scored(self) -> np.ndarray:
+        """bool [N]: at least one function applied (TRL leaves the other rows out of the group baseline)."""
+        if not self.per_function:
+            return np.ones(self.total.shape, bool)
+        return ~np.isnan(np.stack(list(self.per_function.values()))).all(axis=0)
+
 
 def _shorten(value: Any, limit: int = 200) -> str:
     text = value if isinstance(value, str) else json.dumps(value, default=str)

@@ -271,7 +271,7 @@ class Trainer:
         if cfg.grpo.overlong_buffer_len:
             total = total + np.asarray(overlong_penalty(lengths, cfg.max_new_tokens, cfg.grpo.overlong_buffer_len))
         advantages = np.asarray(group_advantages(total, cfg.group_size, scale_rewards=cfg.grpo.scale_rewards,
-                                                 eps=cfg.grpo.advantage_eps))
+                                                 eps=cfg.grpo.advantage_eps, scored=result.scored))
         train_mask = comp_mask
         if cfg.grpo.mask_truncated_completions:
             train_mask = np.asarray(mask_truncated_completions(tokens, comp_mask, self.eos_ids))

@@ -390,3 +390,15 @@ def test_reward_signatures_are_checked_against_trl_s_arguments():
         rewards.check_reward_signature(factory, ["answer"])
     with pytest.raises(ValueError, match=r"'needs_nums' cannot be called .*missing a required argument: 'nums'"):
         rewards.check_reward_signature(needs_nums, ["answer"])
+
+
+def test_rows_no_function_applied_to_are_not_scored():
+    def first_only(prompts, completions, **_):
+        return [1.0, None, None]
+
+    def second_only(prompts, completions, **_):
+        return [None, 0.0, None]
+
+    result = compute_rewards([first_only, second_only], [1.0, 1.0], ["p"] * 3, ["c"] * 3)
+    np.testing.assert_array_equal(result.scored, [True, True, False])
+    np.testing.assert_array_equal(result.total, [1.0, 0.0, 0.0])
