@@ -122,7 +122,9 @@ class TrainConfig:
             )
 
     def to_dict(self) -> dict:
-        config = dataclasses.asdict(dataclasses.replace(self, reward_funcs=None))
+        # Reward functions are recorded by name or import path (a callable may not even be copyable).
+        config = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        config = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in config.items()}
         if self.reward_funcs is not None:
             config["reward_funcs"] = [reward_lib.reward_spec(fn) for fn in self.reward_funcs]
         return config
