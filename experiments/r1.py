@@ -39,6 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cold_start", help="JSONL of cold-start traces with prompt/completion (or question/completion) text")
     p.add_argument("--output_dir", default="runs/r1")
     p.add_argument("--seed", type=int, default=0)
+    r1zero.add_reward_flags(p)
     add_cpu_devices_flag(p)
     return p.parse_args(argv)
 
@@ -73,7 +74,8 @@ def run(args: argparse.Namespace) -> dict:
     use_cpu_devices(args.cpu_devices)
     preset = PRESETS[args.preset]
     out = lambda name: os.path.join(args.output_dir, name)  # noqa: E731
-    recipe = lambda *flags: r1zero.config_for("default", args.seed, *preset["r1zero_flags"], *flags)  # noqa: E731
+    flags = (*preset["r1zero_flags"], *r1zero.reward_flags(args))  # every GRPO stage's recipe
+    recipe = lambda *more: r1zero.config_for("default", args.seed, *flags, *more)  # noqa: E731
     base = args.model or recipe().model
     os.makedirs(args.output_dir, exist_ok=True)
 

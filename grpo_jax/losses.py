@@ -79,6 +79,7 @@ def group_advantages(
     eps: float = 1e-4,
     *,
     reward_weights: Sequence[float] | None = None,
+    scored: Any = None,
 ) -> jax.Array:
     """Group-relative advantages A_i = (r_i - mean_group(r)) / (std + eps) -> [B].
 
@@ -86,21 +87,36 @@ def group_advantages(
       functions are combined with `total_reward` (None/NaN entries count 0).
     scale_rewards: "group" divides by the group's std, "batch" by the whole batch's std (both with
       Bessel's n-1 correction, as torch.std), "none" does not divide (Dr. GRPO).
-    A group whose rewards are all equal gets advantage exactly 0 (it carries no learning signal).
+    scored: bool [B], False for a row that no reward function applied to (all returned None). As in TRL,
+      such a row is left out of the means and stds, and its advantage is 0. Default: every row is scored.
+    A group whose (scored) rewards are all equal gets advantage exactly 0 (it carries no learning signal).
     """
     if scale_rewards not in SCALE_REWARDS:
         raise ValueError(f"unknown scale_rewards {scale_rewards!r}: use one of {', '.join(SCALE_REWARDS)}")
     total = total_reward(rewards, reward_weights)
     _check_groups(total.shape[0], group_size)
-    grouped = total.reshape(-1, group_size)
-    centered = grouped - grouped.mean(axis=1, keepdims=True)
+    scored = jnp.ones(total.shape, bool) if scored is None else jnp.asarray(scored, bool)
+    grouped, in_group = total.reshape(-1, group_size), scored.reshape(-1, group_size)
+    centered = grouped - _masked_mean(grouped, in_group, axis=1)
     if scale_rewards == "group":
-        centered = centered / (grouped.std(axis=1, ddof=1, keepdims=True) + eps)
+        centered = centered / (_masked_std(grouped, in_group, axis=1) + eps)
     elif scale_rewards == "batch":
-        centered = centered / (total.std(ddof=1) + eps)
+        centered = centered / (_masked_std(total, scored, axis=None) + eps)
     # The mean of equal floats can differ from them in the last bit: force an exact zero.
-    constant = grouped.max(axis=1, keepdims=True) == grouped.min(axis=1, keepdims=True)
-    return jnp.where(constant, 0.0, centered).reshape(-1)
+    highest = jnp.where(in_group, grouped, -jnp.inf).max(axis=1, keepdims=True)
+    lowest = jnp.where(in_group, grouped, jnp.inf).min(axis=1, keepdims=True)
+    return jnp.where((highest <= lowest) | ~in_group, 0.0, centered).reshape(-1)
+
+
+def _masked_mean(x: jax.Array, mask: jax.Array, axis) -> jax.Array:
+    count = jnp.maximum(mask.sum(axis=axis, keepdims=True), 1)
+    return jnp.where(mask, x, 0).sum(axis=axis, keepdims=True) / count
+
+
+def _masked_std(x: jax.Array, mask: jax.Array, axis) -> jax.Array:
+    """The std of the entries under `mask`, with Bessel's correction (0 for fewer than two)."""
+    squares = jnp.where(mask, (x - _masked_mean(x, mask, axis)) ** 2, 0).sum(axis=axis, keepdims=True)
+    return jnp.sqrt(squares / jnp.maximum(mask.sum(axis=axis, keepdims=True) - 1, 1))
 
 
 def dynamic_sampling_keep(rewards: Any, group_size: int) -> jax.Array:

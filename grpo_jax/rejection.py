@@ -15,8 +15,8 @@ import jax
 import numpy as np
 
 from grpo_jax import rewards
-from grpo_jax.data import Task, batch_columns, render_prompt
-from grpo_jax.evaluate import sample_completions
+from grpo_jax.data import Task, render_prompt
+from grpo_jax.evaluate import Samples, Scorers, sample_completions, task_rewards
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,13 +35,13 @@ def rejection_sample(model, params, tokenizer, examples: Sequence[dict], task: T
                      teacher: str, config: RejectionConfig = RejectionConfig()) -> list[dict]:
     """Sample `config.num_samples` traces per example from the teacher and keep the passing ones."""
     prompts = [render_prompt(template, ex, tokenizer) for ex in examples]
-    completions = sample_completions(
+    samples = sample_completions(
         model, params, tokenizer, prompts, num_samples=config.num_samples, max_new_tokens=config.max_new_tokens,
         temperature=config.temperature, top_p=config.top_p, max_prompt_len=config.max_prompt_len,
         batch_size=config.batch_size, key=jax.random.key(config.seed), desc="rejection sampling",
     )
-    return select_passing(examples, prompts, completions, task, num_samples=config.num_samples,
-                          max_per_prompt=config.max_per_prompt, teacher=teacher)
+    return select_passing(examples, prompts, samples, task, num_samples=config.num_samples,
+                          max_per_prompt=config.max_per_prompt, teacher=teacher, template=template)
 
 
 def write_teacher_traces(config, out_path: str, rejection: RejectionConfig, num_prompts: int) -> list[dict]:
@@ -64,35 +64,38 @@ def trace_stats(records: Sequence[dict], num_prompts: int, num_samples: int) -> 
             "problems_with_a_trace": len({r["question"] for r in records})}
 
 
-def select_passing(examples: Sequence[dict], prompts: Sequence[str], completions: Sequence[str], task: Task, *,
-                   num_samples: int, max_per_prompt: int, teacher: str) -> list[dict]:
-    """The traces (completion i*k+j = sample j of example i) that score full marks on every one of the
-    task's reward functions, at most `max_per_prompt` distinct ones per example.
+def select_passing(examples: Sequence[dict], prompts: Sequence[str], samples: Samples, task: Task, *,
+                   num_samples: int, max_per_prompt: int, teacher: str, template="r1zero") -> list[dict]:
+    """The traces (sample i*k+j = sample j of example i) that the task's correctness reward scores 1.0 and,
+    when it has one, its format reward too; at most `max_per_prompt` distinct ones per example. The rewards
+    are computed as in training (`evaluate.task_rewards`); other reward functions (length penalties, say)
+    are recorded but do not decide.
 
-    Each record: {"question", "prompt" (rendered), "completion", "answer", "rewards": {name: value},
+    Each record: {"question", "prompt" (rendered), "completion", "answer", "rewards": {name: value or None},
     "teacher"}. Raises with the pass rate when nothing passes.
     """
     k = num_samples
-    rows = [p for p in prompts for _ in range(k)]
-    columns = batch_columns(examples, repeat=k)
-    scores = {rewards.reward_name(fn): np.asarray(fn(rows, list(completions), **columns), dtype=np.float64)
-              for fn in task.reward_fns}
-    passed = np.all([np.nan_to_num(s, nan=0.0) >= 1.0 for s in scores.values()], axis=0)
+    scorers = Scorers.for_task(task)
+    scores = task_rewards(task, template, examples, prompts, samples, k).per_function
+    names = [rewards.reward_name(fn) for fn in task.reward_fns]  # the metric functions are not recorded
+    deciding = [scores[name] for name in (scorers.correct, scorers.format) if name is not None]
+    passed = np.all([np.nan_to_num(s, nan=0.0) >= 1.0 for s in deciding], axis=0)
     if not passed.any():
         raise ValueError(
-            f"rejection sampling kept 0 of {len(completions)} traces (pass rate 0.0%) from teacher {teacher}: "
+            f"rejection sampling kept 0 of {len(samples.texts)} traces (pass rate 0.0%) from teacher {teacher}: "
             "train the teacher longer, sample more (num_samples), or raise max_new_tokens"
         )
     records = []
     for i, example in enumerate(examples):
         seen: set[str] = set()
         for j in range(i * k, (i + 1) * k):
-            text = completions[j].strip()
+            text = samples.texts[j].strip()
             if passed[j] and text not in seen and len(seen) < max_per_prompt:
                 seen.add(text)
                 records.append({
-                    "question": example["prompt"], "prompt": prompts[i], "completion": completions[j],
-                    "answer": example.get("answer"), "rewards": {name: float(s[j]) for name, s in scores.items()},
+                    "question": example["prompt"], "prompt": prompts[i], "completion": samples.texts[j],
+                    "answer": example.get("answer"),
+                    "rewards": {name: None if np.isnan(scores[name][j]) else float(scores[name][j]) for name in names},
                     "teacher": teacher,
                 })
     return records

@@ -1,21 +1,30 @@
 """Rule-based rewards (DeepSeek-R1 §2.2.2): format and accuracy verifiers, and the protocol that combines them.
 
-Every reward function follows TRL's protocol::
+Every reward function is called as TRL's GRPOTrainer calls it, by keyword::
 
-    fn(prompts: list[str], completions: list[str], **columns) -> list[float | None]
+    fn(prompts=..., completions=..., completion_ids=..., trainer_state=..., **columns) -> list[float | None]
 
-`prompts` are the rendered prompts fed to the model, `completions` the generated text only (decoded
-without special tokens), and `columns` the data set's extra columns as lists aligned with them (e.g.
-`answer`, or `nums` and `target` for countdown). None means "does not apply to this example" (say, no
-reference answer). Nothing learned judges the answers: each verifier is a few lines of parsing.
+`prompts` and `completions` are strings, or lists of messages (`[{"role": "assistant", "content": ...}]`)
+when the prompt template is a chat template (TRL's conversational format; the assistant message holds the
+whole turn, a pre-filled "<think>" included); `completion_ids` are the generated token ids (the stop token
+included), `trainer_state` has `global_step` and `max_steps` (None outside training), and `columns` are the
+data set's other columns as lists aligned with them (`answer` and its TRL name `solution`, or `nums` and
+`target` for countdown). None means "does not apply to this example" (say, no reference answer). The
+functions here take both forms, and so do TRL's own `trl.rewards`. Nothing learned judges the answers: each
+verifier is a few lines of parsing.
 """
 
 from __future__ import annotations
 
 import ast
 import dataclasses
+import importlib
+import inspect
+import json
 import math
+import os
 import re
+import sys
 from collections.abc import Callable, Sequence
 from fractions import Fraction
 from typing import Any
@@ -23,6 +32,14 @@ from typing import Any
 import numpy as np
 
 RewardFn = Callable[..., list]
+Completion = str | list[dict[str, Any]]  # text, or TRL's conversational form: a list of messages
+
+
+def completion_text(completion: Completion) -> str:
+    """The text of a completion in either form: the string, or the content of its messages."""
+    if isinstance(completion, str):
+        return completion
+    return "".join(message["content"] for message in completion)
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
@@ -62,10 +79,14 @@ def make_format_reward(prefilled_think: bool | None = None) -> RewardFn:
     does (DeepSeek-R1-Zero's), None (default) to decide per example from the prompt itself.
     """
 
-    def format_reward(prompts: Sequence[str], completions: Sequence[str], **_) -> list[float]:
+    def prefilled(prompt, completion: Completion) -> bool:
+        if not isinstance(completion, str):  # an assistant message holds the whole turn, pre-fill included
+            return False
+        return prompt_opens_think(prompt) if prefilled_think is None else prefilled_think
+
+    def format_reward(prompts: Sequence, completions: Sequence[Completion], **_) -> list[float]:
         return [
-            float(has_think_answer_format(
-                completion, prompt_opens_think(prompt) if prefilled_think is None else prefilled_think))
+            float(has_think_answer_format(completion_text(completion), prefilled(prompt, completion)))
             for prompt, completion in zip(prompts, completions, strict=True)
         ]
 
@@ -115,7 +136,10 @@ _TEXT_WRAPPER_RE = re.compile(r"\\(?:text|mathrm|textbf|mathbf)\{([^{}]*)\}")
 def _plain_number(text: str) -> Fraction | None:
     if not _PLAIN_NUMBER_RE.fullmatch(text):
         return None
-    return Fraction(text.replace(",", ""))
+    try:
+        return Fraction(text.replace(",", ""))
+    except ValueError:  # beyond Python's limit on digits in an int string (4,300): not a number we compare
+        return None
 
 
 def _fraction(sign: str, numerator: str, denominator: str) -> Fraction | None:
@@ -184,25 +208,25 @@ def extract_final_answer(completion: str) -> str | None:
     return numbers[-1] if numbers else None
 
 
-def _score_answers(completions: Sequence[str], answer: Sequence[Any], extract: Callable) -> list[float | None]:
+def _score_answers(completions: Sequence[Completion], answer: Sequence[Any], extract: Callable) -> list[float | None]:
     scores: list[float | None] = []
     for completion, reference in zip(completions, answer, strict=True):
         if reference is None or str(reference).strip() == "":
             scores.append(None)
             continue
-        predicted = extract(completion)
+        predicted = extract(completion_text(completion))
         scores.append(float(predicted is not None and answers_match(predicted, str(reference))))
     return scores
 
 
-def accuracy_reward(prompts: Sequence[str], completions: Sequence[str], answer: Sequence[Any], **_) -> list:
+def accuracy_reward(prompts: Sequence, completions: Sequence[Completion], answer: Sequence[Any], **_) -> list:
     """1.0 when the last `<answer>` block matches the `answer` column (see `answers_match`), else 0.0;
     None for an example without a reference answer."""
     return _score_answers(completions, answer, extract_answer)
 
 
 def accuracy_any_format_reward(
-    prompts: Sequence[str], completions: Sequence[str], answer: Sequence[Any], **_
+    prompts: Sequence, completions: Sequence[Completion], answer: Sequence[Any], **_
 ) -> list:
     """Like `accuracy_reward`, but the final answer may be written anywhere (`extract_final_answer`): the
     "correct regardless of format" metric."""
@@ -275,19 +299,19 @@ def _score_countdown(completions, nums, target, extract: Callable) -> list[float
         if numbers is None or goal is None:
             scores.append(None)
             continue
-        expression = extract(completion)
+        expression = extract(completion_text(completion))
         scores.append(0.0 if expression is None else score_countdown_expression(expression, numbers, int(goal)))
     return scores
 
 
-def countdown_reward(prompts: Sequence[str], completions: Sequence[str], nums: Sequence, target: Sequence,
+def countdown_reward(prompts: Sequence, completions: Sequence[Completion], nums: Sequence, target: Sequence,
                      **_) -> list:
     """TinyZero's countdown verifier: 1.0 when the last `<answer>` block is an expression that uses every
     number in `nums` exactly once and equals `target` (see `score_countdown_expression`), else 0.0."""
     return _score_countdown(completions, nums, target, extract_answer)
 
 
-def countdown_any_format_reward(prompts: Sequence[str], completions: Sequence[str], nums: Sequence,
+def countdown_any_format_reward(prompts: Sequence, completions: Sequence[Completion], nums: Sequence,
                                 target: Sequence, **_) -> list:
     """`countdown_reward` regardless of format: the `<answer>` block if present, else the last line."""
     return _score_countdown(completions, nums, target, lambda c: extract_answer(c) or _last_line(c))
@@ -306,17 +330,79 @@ REWARD_FUNCTIONS: dict[str, RewardFn] = {
 }
 
 
-def get_reward_fn(name: str) -> RewardFn:
-    """The reward function registered as `name` (the keys of `REWARD_FUNCTIONS`)."""
-    if name not in REWARD_FUNCTIONS:
-        raise ValueError(f"unknown reward function {name!r}; known: {', '.join(sorted(REWARD_FUNCTIONS))}")
-    return REWARD_FUNCTIONS[name]
+def get_reward_fn(spec: str | RewardFn) -> RewardFn:
+    """A reward function from a registered name (the keys of `REWARD_FUNCTIONS`), a dotted import path
+    (`trl.rewards.think_format_reward`, `mypkg.rewards.my_fn`, as TRL's scripts take them: modules in the
+    current directory are found too), or the callable."""
+    if callable(spec):
+        return spec
+    if spec in REWARD_FUNCTIONS:
+        return REWARD_FUNCTIONS[spec]
+    how = f"give a registered name ({', '.join(sorted(REWARD_FUNCTIONS))}) or an importable path module.function"
+    module_name, _, attribute = spec.rpartition(".")
+    if not module_name:
+        raise ValueError(f"unknown reward function {spec!r}: {how}")
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+    try:
+        fn = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(
+            f"reward function {spec!r} cannot be imported ({type(error).__name__}: {error}): {how}") from None
+    if not callable(fn):
+        raise ValueError(f"reward function {spec!r} is a {type(fn).__name__}, not callable: {how}")
+    return fn
 
 
 def reward_name(fn: RewardFn) -> str:
     """The name a reward function is logged under: its `__name__` (of the wrapped function for partials)."""
     fn = getattr(fn, "func", fn)
     return getattr(fn, "__name__", type(fn).__name__)
+
+
+def reward_spec(spec: str | RewardFn) -> str:
+    """How a run's config.json records a reward function: its name or path as given, a callable's import path
+    (a callable object's class, with its attributes), so that a resumed run can compare it."""
+    if isinstance(spec, str):
+        return spec
+    target = getattr(spec, "func", spec)
+    if not inspect.isroutine(target):  # a callable object, e.g. get_soft_overlong_punishment(...)'s
+        target = type(target)
+    path = f"{target.__module__}.{target.__qualname__}"
+    settings = {**getattr(spec, "keywords", {}), **(vars(spec) if not inspect.isroutine(spec) else {})}
+    return f"{path}({json.dumps(settings, sort_keys=True, default=str)})" if settings else path
+
+
+REWARD_ARGUMENTS = ("prompts", "completions", "completion_ids", "trainer_state")
+
+
+def check_reward_signature(fn: RewardFn, columns: Sequence[str]) -> None:
+    """Raises one line, before anything runs, when `fn` cannot be called with TRL's keyword arguments and
+    these data-set `columns` (say, a factory such as `get_soft_overlong_punishment` given uncalled)."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # some builtins have no signature: they are checked on the first call
+        return
+    try:
+        signature.bind(**dict.fromkeys((*REWARD_ARGUMENTS, *columns)))
+    except TypeError as error:
+        raise ValueError(
+            f"reward function {reward_name(fn)!r} cannot be called with TRL's keyword arguments "
+            f"({', '.join((*REWARD_ARGUMENTS, *columns))}): {error}; a factory must be called to make the function "
+            "(e.g. get_soft_overlong_punishment(max_completion_len=..., soft_punish_cache=...))"
+        ) from None
+
+
+class RewardFunctionError(ValueError):
+    """A reward function raised, or returned something other than one finite float or None per completion."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerState:
+    """The training progress a reward function sees as `trainer_state` (the fields of TRL's it uses most)."""
+
+    global_step: int
+    max_steps: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -332,8 +418,16 @@ class RewardResult:
     total: np.ndarray
     per_function: dict[str, np.ndarray]
 
+    @property
+    def scored(self) -> np.ndarray:
+        """bool [N]: at least one function applied (TRL leaves the other rows out of the group baseline)."""
+        if not self.per_function:
+            return np.ones(self.total.shape, bool)
+        return ~np.isnan(np.stack(list(self.per_function.values()))).all(axis=0)
 
-def _shorten(text: str, limit: int = 200) -> str:
+
+def _shorten(value: Any, limit: int = 200) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
     return repr(text if len(text) <= limit else text[:limit] + "…")
 
 
@@ -341,40 +435,41 @@ def _describe_example(i: int, prompts, completions) -> str:
     return f"example {i}: prompt={_shorten(prompts[i])}, completion={_shorten(completions[i])}"
 
 
-def _first_failing_example(fn: RewardFn, prompts, completions, columns) -> int | None:
+def _first_failing_example(fn: RewardFn, kwargs: dict, n: int) -> int | None:
     """The first example on which `fn` raises when called alone, to show the user what broke it."""
-    for i in range(len(prompts)):
+    for i in range(n):
         try:
-            fn(prompts=prompts[i:i + 1], completions=completions[i:i + 1],
-               **{k: v[i:i + 1] for k, v in columns.items()})
+            fn(**{k: v[i:i + 1] if isinstance(v, list) else v for k, v in kwargs.items()})
         except Exception:  # noqa: BLE001 - we are looking for exactly the example that raises
             return i
     return None
 
 
-def _call_reward_fn(fn: RewardFn, prompts, completions, columns) -> np.ndarray:
+def _call_reward_fn(fn: RewardFn, kwargs: dict) -> np.ndarray:
     """`fn`'s rewards as float32 [N] with NaN for None; any failure raises naming `fn` and an example."""
-    name, n = reward_name(fn), len(prompts)
+    name, prompts, completions = reward_name(fn), kwargs["prompts"], kwargs["completions"]
+    n = len(prompts)
     try:
-        rewards = list(fn(prompts=prompts, completions=completions, **columns))
+        rewards = list(fn(**kwargs))
     except Exception as error:
-        bad = _first_failing_example(fn, prompts, completions, columns)
+        bad = _first_failing_example(fn, kwargs, n)
         where = _describe_example(bad, prompts, completions) if bad is not None else f"a batch of {n}"
-        raise RuntimeError(
+        columns = sorted(set(kwargs) - set(REWARD_ARGUMENTS))
+        raise RewardFunctionError(
             f"reward function {name!r} raised {type(error).__name__}: {error} (on {where}; "
-            f"columns given: {sorted(columns)})"
+            f"columns given: {columns})"
         ) from error
     if len(rewards) != n:
-        raise ValueError(
+        raise RewardFunctionError(
             f"reward function {name!r} returned {len(rewards)} rewards for {n} completions; it must return "
             f"one float or None per completion (first: {_describe_example(0, prompts, completions)})"
         )
     for i, reward in enumerate(rewards):
         valid = reward is None or (isinstance(reward, (int, float, np.number)) and math.isfinite(reward))
         if not valid:
-            raise ValueError(
-                f"reward function {name!r} returned {reward!r}, not a finite float or None, on "
-                f"{_describe_example(i, prompts, completions)}"
+            raise RewardFunctionError(
+                f"reward function {name!r} returned {reward!r}, not a finite float or None (None: does not "
+                f"apply), on {_describe_example(i, prompts, completions)}"
             )
     return np.array([np.nan if r is None else r for r in rewards], dtype=np.float32)
 
@@ -382,11 +477,16 @@ def _call_reward_fn(fn: RewardFn, prompts, completions, columns) -> np.ndarray:
 def compute_rewards(
     reward_fns: Sequence[RewardFn],
     weights: Sequence[float],
-    prompts: Sequence[str],
-    completions: Sequence[str],
+    prompts: Sequence,
+    completions: Sequence[Completion],
     columns: dict[str, Sequence] | None = None,
+    *,
+    completion_ids: Sequence[Sequence[int]] | None = None,
+    trainer_state: TrainerState | None = None,
 ) -> RewardResult:
-    """Runs every reward function on the batch and sums them with `weights` (None rewards count as 0)."""
+    """Runs every reward function on the batch, by keyword as TRL does, and sums them with `weights`
+    (None rewards count as 0). The one place reward functions are called: training, evaluation and
+    rejection sampling."""
     columns = {k: list(v) for k, v in (columns or {}).items()}
     prompts, completions = list(prompts), list(completions)
     if len(reward_fns) != len(weights):
@@ -396,18 +496,23 @@ def compute_rewards(
     for key, values in columns.items():
         if len(values) != len(prompts):
             raise ValueError(f"column {key!r} has {len(values)} values for {len(prompts)} completions")
+    if completion_ids is not None and len(completion_ids) != len(prompts):
+        raise ValueError(f"{len(completion_ids)} completion_ids for {len(prompts)} completions: they must align")
     names = [reward_name(fn) for fn in reward_fns]
     if len(set(names)) != len(names):
         raise ValueError(f"reward functions must have distinct names to be logged apart, got {names}")
-    per_function = {name: _call_reward_fn(fn, prompts, completions, columns)
-                    for name, fn in zip(names, reward_fns, strict=True)}
+    kwargs = {"prompts": prompts, "completions": completions,
+              "completion_ids": None if completion_ids is None else [list(ids) for ids in completion_ids],
+              "trainer_state": trainer_state, **columns}
+    per_function = {name: _call_reward_fn(fn, kwargs) for name, fn in zip(names, reward_fns, strict=True)}
     total = np.zeros(len(prompts), dtype=np.float32)
     for name, weight in zip(names, weights, strict=True):
         total += np.float32(weight) * np.nan_to_num(per_function[name], nan=0.0)
     return RewardResult(total=total, per_function=per_function)
 
 
-def _nan_mean_std(values: np.ndarray) -> tuple[float, float]:
+def nan_mean_std(values: np.ndarray) -> tuple[float, float]:
+    """Mean and std over the entries that are not NaN (rewards that apply); NaN when none is."""
     present = values[~np.isnan(values)]
     if present.size == 0:
         return math.nan, math.nan
@@ -419,5 +524,5 @@ def reward_stats(result: RewardResult) -> dict[str, float]:
     when it applies to none), plus `rewards/total/mean` and `/std` of the weighted sum."""
     stats = {}
     for name, values in {**result.per_function, "total": result.total}.items():
-        stats[f"rewards/{name}/mean"], stats[f"rewards/{name}/std"] = _nan_mean_std(values)
+        stats[f"rewards/{name}/mean"], stats[f"rewards/{name}/std"] = nan_mean_std(values)
     return stats

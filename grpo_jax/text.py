@@ -70,3 +70,8 @@ def decode_completions(tokenizer, tokens: np.ndarray, mask: np.ndarray, eos_ids=
         ids = [int(t) for t, m in zip(row, row_mask) if m and int(t) not in eos]
         texts.append(tokenizer.decode(ids, skip_special_tokens=False))
     return texts
+
+
+def completion_ids(tokens: np.ndarray, mask: np.ndarray) -> list[list[int]]:
+    """Token ids of each generated row under its mask, the stop token included (TRL's `completion_ids`)."""
+    return [[int(t) for t in row[row_mask.astype(bool)]] for row, row_mask in zip(np.asarray(tokens), np.asarray(mask))]

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from grpo_jax import rewards as reward_lib
 from grpo_jax.checkpoint import Checkpointer, abstract_with_shardings, resume_advice, sigterm_caught
-from grpo_jax.data import batch_columns, load_task, render_prompt
+from grpo_jax.data import load_task, render_prompt, reward_inputs
 from grpo_jax.evaluate import STOP_STRINGS, EvalConfig, evaluate, tokenizer_eos_ids
 from grpo_jax.grpo import (
     GRPOConfig,
@@ -68,7 +68,7 @@ from grpo_jax.sharding import (
     shard_params,
     to_host,
 )
-from grpo_jax.text import bucket_length, check_prompt_lengths, decode_completions, encode_prompts
+from grpo_jax.text import bucket_length, check_prompt_lengths, completion_ids, decode_completions, encode_prompts
 
 # Changing these between a run and its resumption is allowed; any other config change is refused.
 _RESUMABLE_FIELDS = ("steps", "eval_every", "save_every", "overwrite", "eval_before", "remat", "grpo.num_microbatches",
@@ -87,6 +87,10 @@ class TrainConfig:
     task: str = "arithmetic"
     data: str | None = None
     task_options: dict = dataclasses.field(default_factory=dict)
+    # The task's own rewards unless given: registered names, import paths ("trl.rewards.think_format_reward")
+    # or callables, each weighted 1.0 unless `reward_weights` says otherwise.
+    reward_funcs: tuple | None = None
+    reward_weights: tuple[float, ...] | None = None
     num_train: int | None = None
     num_eval: int | None = 200
     template: str = "r1zero"
@@ -134,6 +138,8 @@ class TrainConfig:
             raise ValueError(f"temperature must be >= 0 and top_p in (0, 1]; got {self.temperature} and {self.top_p}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        for spec in self.reward_funcs or ():
+            reward_lib.get_reward_fn(spec)  # an unknown name or an unimportable path fails here, before any work
         if self.grpo.temperature != (self.temperature or 1.0):
             raise ValueError(
                 f"grpo.temperature ({self.grpo.temperature}) must equal the sampling temperature ({self.temperature}): "
@@ -141,7 +147,12 @@ class TrainConfig:
             )
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        # Reward functions are recorded by name or import path (a callable may not even be copyable).
+        config = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        config = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in config.items()}
+        if self.reward_funcs is not None:
+            config["reward_funcs"] = [reward_lib.reward_spec(fn) for fn in self.reward_funcs]
+        return config
 
     def resumable_fields(self) -> tuple[str, ...]:
         """The config fields a resumption may change (more when it resumes from a chosen step)."""
@@ -270,18 +281,18 @@ class Trainer:
         out = self.generate(self.state.params, prompts, prompt_mask, key)
         return texts, batch, out
 
+    def _trainer_state(self) -> reward_lib.TrainerState:
+        return reward_lib.TrainerState(global_step=self.step, max_steps=self.config.steps)
+
     def _rewards(self, texts, examples, tokens, mask):
         cfg = self.config
         completions = [truncate_at_stop(t, STOP_STRINGS)
                        for t in decode_completions(self.tokenizer, tokens, mask, self.eos_ids)]
-        rows_prompts = [t for t in texts for _ in range(cfg.group_size)]
-        columns = batch_columns(examples, repeat=cfg.group_size)
-        result = reward_lib.compute_rewards(self.task.reward_fns, self.task.reward_weights, rows_prompts,
-                                            completions, columns)
-        extra = {}
-        for fn in self.task.metric_fns:
-            values = np.asarray(fn(rows_prompts, completions, **columns), dtype=np.float64)
-            extra[reward_lib.reward_name(fn)] = values
+        inputs = dict(**reward_inputs(cfg.template, examples, texts, completions, cfg.group_size),
+                      completion_ids=completion_ids(tokens, mask), trainer_state=self._trainer_state())
+        result = reward_lib.compute_rewards(self.task.reward_fns, self.task.reward_weights, **inputs)
+        metric_fns = self.task.metric_fns
+        extra = reward_lib.compute_rewards(metric_fns, [1.0] * len(metric_fns), **inputs).per_function
         return result, extra
 
     def train_step(self) -> dict:
@@ -300,7 +311,7 @@ class Trainer:
         if cfg.grpo.overlong_buffer_len:
             total = total + np.asarray(overlong_penalty(lengths, cfg.max_new_tokens, cfg.grpo.overlong_buffer_len))
         advantages = np.asarray(group_advantages(total, cfg.group_size, scale_rewards=cfg.grpo.scale_rewards,
-                                                 eps=cfg.grpo.advantage_eps))
+                                                 eps=cfg.grpo.advantage_eps, scored=result.scored))
         train_mask = comp_mask
         if cfg.grpo.mask_truncated_completions:
             train_mask = np.asarray(mask_truncated_completions(tokens, comp_mask, self.eos_ids))
@@ -359,7 +370,7 @@ class Trainer:
         cfg = self.config
         return evaluate(self.model, self.state.params, self.tokenizer, self.task.eval, self.task,
                         template=cfg.template, config=cfg.eval, max_prompt_len=cfg.max_prompt_len,
-                        prompt_width=self.prompt_width, mesh=self.mesh)
+                        prompt_width=self.prompt_width, mesh=self.mesh, trainer_state=self._trainer_state())
 
     def run(self) -> dict:
         cfg = self.config
@@ -485,7 +496,8 @@ def check_checkpoint_dir(config: TrainConfig) -> None:
 def load_run_inputs(config: TrainConfig):
     """(task, model, params, tokenizer) of a run, with the tokenizer checked against the model."""
     task = load_task(config.task, data_path=config.data, seed=config.seed, num_train=config.num_train,
-                     num_eval=config.num_eval, **config.task_options)
+                     num_eval=config.num_eval, reward_funcs=config.reward_funcs, reward_weights=config.reward_weights,
+                     **config.task_options)
     _, model, params, tokenizer = load_policy(config.model, config.dtype, config.remat)
     return task, model, params, tokenizer
 

@@ -16,9 +16,11 @@ from grpo_jax.data import (
     load_task,
     r1zero_template,
     render_prompt,
+    reward_inputs,
     split_examples,
 )
 from grpo_jax.data.gsm8k import parse_gsm8k_record
+from trl.rewards import think_format_reward
 
 # Typed out from DeepSeek-R1's Table 1, independently of the code.
 R1ZERO_WHAT_IS = (
@@ -88,6 +90,32 @@ def test_chat_template_needs_a_tokenizer_with_one():
         render_prompt("chat", "1+1?", tokenizer)
 
 
+def test_reward_inputs_are_conversational_under_a_chat_template():
+    examples = [{"prompt": "What is 2 + 3?", "answer": "5"}]
+    user = [{"role": "user", "content": f"What is 2 + 3?\n\n{CHAT_INSTRUCTION}"}]
+    completions = [" 2+3=5 </think> <answer>5</answer>", " no"]
+    for suffix, template, turn_start in (("", "chat_think", "<think>"), ("<think>\n", "chat", "<think>\n"),
+                                         ("", "chat", "")):
+        prompts = [render_prompt(template, examples[0], _chat_tokenizer(suffix))]
+        inputs = reward_inputs(template, examples, prompts, completions, num_samples=2)
+        assert inputs["prompts"] == [user, user]
+        assert inputs["completions"] == [[{"role": "assistant", "content": turn_start + c}] for c in completions]
+        assert inputs["columns"] == {"answer": ["5", "5"], "solution": ["5", "5"]}
+    # TRL's own format reward sees the whole assistant turn.
+    prompts = [render_prompt("chat_think", examples[0], _chat_tokenizer())]
+    inputs = reward_inputs("chat_think", examples, prompts, completions, num_samples=2)
+    assert think_format_reward(**inputs) == [1.0, 0.0]
+    assert rewards.format_reward(**inputs) == [1.0, 0.0]
+
+
+def test_reward_inputs_are_text_under_a_text_template():
+    examples = [{"prompt": "1+1", "answer": "2"}, {"prompt": "2+2", "answer": "4"}]
+    prompts = [render_prompt("r1zero", ex) for ex in examples]
+    inputs = reward_inputs("r1zero", examples, prompts, ["a", "b", "c", "d"], num_samples=2)
+    assert inputs["prompts"] == [prompts[0], prompts[0], prompts[1], prompts[1]]
+    assert inputs["completions"] == ["a", "b", "c", "d"]
+
+
 # Registry and the task record --------------------------------------------------------------------------------
 
 
@@ -117,18 +145,25 @@ def test_task_rejects_overlapping_splits_and_bad_examples():
 
 
 def test_reward_overrides():
-    task = load_task("countdown", num_train=10, num_eval=5, reward_names=["countdown"])
+    task = load_task("countdown", num_train=10, num_eval=5, reward_funcs=["countdown"])
     assert task.reward_fns == (rewards.countdown_reward,) and task.reward_weights == (1.0,)
     task = load_task("countdown", num_train=10, num_eval=5, reward_weights=[0.1, 1.0])
     assert task.reward_fns == (rewards.format_reward, rewards.countdown_reward)
     assert task.reward_weights == (0.1, 1.0)
     with pytest.raises(ValueError, match="2 reward functions but 1 weights"):
         load_task("countdown", num_train=10, num_eval=5, reward_weights=[1.0])
+    task = load_task("countdown", num_train=10, num_eval=5,
+                     reward_funcs=["grpo_jax.rewards.format_reward", "countdown"])
+    assert task.reward_fns == (rewards.format_reward, rewards.countdown_reward)
+    with pytest.raises(ValueError, match=r"'get_reward_fn' cannot be called with TRL's keyword arguments \(prompts, "
+                                         r"completions, completion_ids, trainer_state, answer, nums, target, solution"):
+        load_task("countdown", num_train=10, num_eval=5, reward_funcs=[rewards.get_reward_fn])
 
 
 def test_batch_columns_repeat_each_example_for_its_group():
     examples = [{"prompt": "a", "answer": "1", "x": 10}, {"prompt": "b", "answer": "2", "x": 20}]
-    assert batch_columns(examples, repeat=2) == {"answer": ["1", "1", "2", "2"], "x": [10, 10, 20, 20]}
+    assert batch_columns(examples, repeat=2) == {"answer": ["1", "1", "2", "2"], "x": [10, 10, 20, 20],
+                                                 "solution": ["1", "1", "2", "2"]}
 
 
 def test_split_examples_from_one_file():

@@ -5,6 +5,7 @@ never the code under test.
 """
 
 import itertools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -302,6 +303,24 @@ def test_all_equal_group_is_exactly_zero():
     for scale in ("group", "batch", "none"):
         adv = np.asarray(group_advantages(rewards, 3, scale_rewards=scale))
         assert np.all(adv[:3] == 0.0) and np.all(adv[6:] == 0.0) and np.all(adv[3:6] != 0.0), scale
+
+
+def test_rows_no_reward_applied_to_are_left_out_of_their_group_as_in_trl():
+    nan = np.nan  # a row every reward function returned None for: TRL makes its reward NaN
+    rewards = np.array([1.0, 0.0, nan, 0.5, nan, nan, nan, nan, 2.0, nan, 2.0, 2.0, 0.3, -1.0, 2.0, 0.7])
+    grouped = rewards.reshape(-1, 4)
+    with warnings.catch_warnings():  # the all-NaN group: NumPy warns, and the NaN becomes advantage 0 below
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean = np.nanmean(grouped, axis=1, keepdims=True)
+        stds = {"group": np.nanstd(grouped, axis=1, ddof=1, keepdims=True), "batch": np.nanstd(rewards, ddof=1),
+                "none": None}
+    scored = ~np.isnan(rewards)
+    with jax.enable_x64(True):
+        for scale, std in stds.items():
+            expected = grouped - mean if std is None else (grouped - mean) / (std + 1e-4)
+            got = group_advantages(jnp.asarray(np.nan_to_num(rewards)), 4, scale_rewards=scale, scored=scored)
+            np.testing.assert_allclose(got, np.nan_to_num(expected.reshape(-1), nan=0.0), atol=1e-12, err_msg=scale)
+            assert np.all(np.asarray(got)[~scored] == 0.0) and np.all(np.asarray(got)[8:12] == 0.0), scale
 
 
 def test_several_reward_functions_with_weights_and_none():

@@ -153,16 +153,25 @@ def test_output_dir_with_another_config_is_refused(smoke_run, cache_dir):
     (["--learning_rate", "1e40"], "learning_rate must be in (0, 1], got 1e+40"),
     (["--beta", "nan"], "grpo.beta must be a finite number, got nan"),
     (["--no_truncate_prompts", "--max_prompt_len", "16"], "exceed max_prompt_len=16 tokens"),
+    (["--reward_funcs", "mypkg.rewards.my_fn"],
+     "reward function 'mypkg.rewards.my_fn' cannot be imported (ModuleNotFoundError: No module named 'mypkg')"),
+    (["--reward_funcs", "trl.rewards.get_soft_overlong_punishment"], "a factory must be called"),
+    # A reward function that raises is named in one line already in the evaluation before training.
+    (["--reward_funcs", "format", "rewards_here.picky"],
+     "reward function 'picky' raised KeyError: 'nums' (on example 0: prompt="),
 ])
 def test_bad_flags_fail_with_a_clear_message(cache_dir, tmp_path, flags, message):
     env = dict(os.environ, GRPO_JAX_CACHE=str(cache_dir))
+    # A module in the current directory is importable by its dotted path, as with TRL's scripts.
+    (tmp_path / "rewards_here.py").write_text("def picky(prompts, completions, **columns):\n    return columns['nums']\n")
     proc = subprocess.run([sys.executable, SCRIPT, "--output_dir", str(tmp_path / "bad"), "--preset", "smoke", *flags],
-                          env=env, capture_output=True, text=True, timeout=300)
+                          env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode != 0
     assert message in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
-    # Refused before the run starts: before any compile, and nothing written (a corrected rerun is not refused).
-    assert not (tmp_path / "bad").exists()
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    if "raised" not in message:  # a reward function is first called once the run has started
+        # Refused before the run starts: before any compile, and nothing written (a corrected rerun is not refused).
+        assert not (tmp_path / "bad").exists()
 
 
 def test_another_runs_checkpoint_dir_is_refused_not_resumed(smoke_run, cache_dir, tmp_path):

@@ -1,8 +1,9 @@
-"""Rejection sampling keeps exactly the traces that pass every reward, deduplicated; nothing passing is an error."""
+"""Rejection sampling keeps exactly the correct, well-formatted traces, deduplicated; nothing passing is an error."""
 
 import pytest
 
 from grpo_jax.data import Task
+from grpo_jax.evaluate import Samples
 from grpo_jax.rejection import read_traces, select_passing, write_traces
 from grpo_jax.rewards import accuracy_reward, format_reward
 
@@ -22,8 +23,8 @@ def test_keeps_exactly_the_passing_traces(tmp_path):
         " <think> hm </think> <answer> 5 </answer>",  # passes
         GOOD_2,                                     # passes, but over max_per_prompt=1
     ]
-    records = select_passing(EXAMPLES, ["p1", "p2"], completions, TASK, num_samples=3, max_per_prompt=1,
-                             teacher="t")
+    records = select_passing(EXAMPLES, ["p1", "p2"], Samples(completions, [[1]] * 6), TASK, num_samples=3,
+                             max_per_prompt=1, teacher="t")
     assert [(r["question"], r["completion"]) for r in records] == [("1+1", GOOD_1),
                                                                    ("2+3", " <think> hm </think> <answer> 5 </answer>")]
     assert records[0] == {"question": "1+1", "prompt": "p1", "completion": GOOD_1, "answer": "2",
@@ -34,5 +35,21 @@ def test_keeps_exactly_the_passing_traces(tmp_path):
 
 def test_nothing_passing_is_a_clear_error():
     with pytest.raises(ValueError, match=r"kept 0 of 2 traces \(pass rate 0.0%\)"):
-        select_passing(EXAMPLES[:1], ["p"], [" 2", " <answer>2</answer>"], TASK, num_samples=2, max_per_prompt=4,
-                       teacher="t")
+        select_passing(EXAMPLES[:1], ["p"], Samples([" 2", " <answer>2</answer>"], [[1], [1]]), TASK, num_samples=2,
+                       max_per_prompt=4, teacher="t")
+
+
+def test_penalties_and_none_are_recorded_but_only_correctness_and_format_decide():
+    def length_penalty(completions, completion_ids, **_):  # a TRL-style penalty: at most 0.0, never "full marks"
+        return [-0.5 * len(ids) for ids in completion_ids]
+
+    def never(completions, **_):
+        return [None] * len(completions)
+
+    task = Task("toy", train=[{"prompt": "9+9", "answer": "18"}], eval=EXAMPLES,
+                reward_fns=(format_reward, accuracy_reward, length_penalty, never), reward_weights=(1.0,) * 4)
+    records = select_passing(EXAMPLES[:1], ["p1"], Samples([GOOD_1, " 2"], [[1, 2], [3]]), task, num_samples=2,
+                             max_per_prompt=4, teacher="t")
+    assert [r["completion"] for r in records] == [GOOD_1]
+    assert records[0]["rewards"] == {"format_reward": 1.0, "accuracy_reward": 1.0, "length_penalty": -1.0,
+                                     "never": None}

@@ -249,7 +249,8 @@ def test_compute_rewards_names_the_function_that_raises_and_the_example():
             raise KeyError("cannot score this")
         return [1.0] * len(completions)
 
-    with pytest.raises(RuntimeError, match=r"'picky' raised KeyError.*example 1: prompt='p1', completion='boom"):
+    with pytest.raises(rewards.RewardFunctionError,
+                       match=r"'picky' raised KeyError.*example 1: prompt='p1', completion='boom"):
         compute_rewards([constant, picky], [1.0, 1.0], ["p0", "p1", "p2"], ["fine", "boom" * 100, "fine"])
 
 
@@ -257,13 +258,14 @@ def test_compute_rewards_truncates_long_examples_in_errors():
     def broken(prompts, completions, **_):
         raise ValueError("nope")
 
-    with pytest.raises(RuntimeError) as error:
+    with pytest.raises(rewards.RewardFunctionError) as error:
         compute_rewards([broken], [1.0], ["p" * 5000], ["c" * 5000])
     assert "'broken'" in str(error.value) and len(str(error.value)) < 1000
 
 
 def test_compute_rewards_reports_a_missing_column():
-    with pytest.raises(RuntimeError, match=r"'accuracy_reward' raised TypeError.*columns given: \['nums'\]"):
+    with pytest.raises(rewards.RewardFunctionError,
+                       match=r"'accuracy_reward' raised TypeError.*columns given: \['nums'\]"):
         compute_rewards([accuracy_reward], [1.0], ["p"], ["<answer>1</answer>"], {"nums": [[1]]})
 
 
@@ -299,5 +301,104 @@ def test_compute_rewards_validates_its_inputs():
 def test_reward_registry():
     assert rewards.get_reward_fn("format") is format_reward
     assert rewards.get_reward_fn("countdown") is countdown_reward
-    with pytest.raises(ValueError, match=r"unknown reward function 'acc'; known: accuracy, accuracy_any_format"):
+    with pytest.raises(ValueError, match=r"unknown reward function 'acc': give a registered name \(accuracy, "):
         rewards.get_reward_fn("acc")
+
+
+# TRL's contract -----------------------------------------------------------------------------------------------
+
+
+def assistant(text):
+    return [{"role": "assistant", "content": text}]
+
+
+USER = [{"role": "user", "content": "1+1?"}]
+
+
+def test_rewards_take_trl_s_conversational_completions():
+    good, bad = "<think>1+1 is 2</think> <answer>2</answer>", "<answer>3</answer>"
+    # The assistant's message holds the whole turn: a pre-filled "<think>" is part of its content.
+    assert format_reward([USER, USER], [assistant(good), assistant(bad)]) == [1.0, 0.0]
+    assert make_format_reward(prefilled_think=True)([USER], [assistant(good)]) == [1.0]
+    assert accuracy_reward([USER, USER], [assistant(good), assistant(bad)], answer=["2", "2"]) == [1.0, 0.0]
+    assert accuracy_any_format_reward([USER], [assistant("it is 2")], answer=["2"]) == [1.0]
+    expression = assistant("<think>x</think> <answer>(3+5)*2</answer>")
+    assert countdown_reward([USER], [expression], nums=[[3, 5, 2]], target=[16]) == [1.0]
+    assert countdown_any_format_reward([USER], [assistant("(3+5)*2")], nums=[[3, 5, 2]], target=[16]) == [1.0]
+
+
+def test_an_answer_past_python_s_int_string_limit_scores_0():
+    huge = "1" * 4301  # int("1" * 4301) raises ValueError (Python's 4,300-digit limit)
+    assert accuracy_reward(["p"], [f"<think>x</think> <answer>{huge}</answer>"], answer=["42"]) == [0.0]
+    assert accuracy_any_format_reward(["p"], [f"the answer is {huge}"], answer=["42"]) == [0.0]
+    assert accuracy_reward(["p"], [f"<answer>{huge}/3</answer>"], answer=["42"]) == [0.0]
+
+
+def test_compute_rewards_passes_trl_s_arguments_by_keyword():
+    seen = {}
+
+    def trl_style(completions, solution, completion_ids, trainer_state, **kwargs):
+        seen.update(kwargs, solution=solution, completion_ids=completion_ids, trainer_state=trainer_state)
+        return [float(len(ids)) for ids in completion_ids]
+
+    state = rewards.TrainerState(global_step=3, max_steps=10)
+    result = compute_rewards([trl_style], [1.0], [USER, USER], [assistant("a"), assistant("b")],
+                             {"answer": ["1", "2"], "solution": ["1", "2"]}, completion_ids=[[5, 6], [7]],
+                             trainer_state=state)
+    np.testing.assert_array_equal(result.total, [2.0, 1.0])
+    assert seen == {"prompts": [USER, USER], "answer": ["1", "2"], "solution": ["1", "2"],
+                    "completion_ids": [[5, 6], [7]], "trainer_state": state}
+
+
+def test_reward_functions_by_import_path():
+    assert rewards.get_reward_fn("grpo_jax.rewards.countdown_reward") is countdown_reward
+    assert rewards.get_reward_fn(countdown_reward) is countdown_reward
+    with pytest.raises(ValueError, match=r"'nope.rewards.fn' cannot be imported \(ModuleNotFoundError: No module "
+                                         r"named 'nope'\): give a registered name \(accuracy, "):
+        rewards.get_reward_fn("nope.rewards.fn")
+    with pytest.raises(ValueError, match=r"'grpo_jax.rewards.nope' cannot be imported \(AttributeError"):
+        rewards.get_reward_fn("grpo_jax.rewards.nope")
+    with pytest.raises(ValueError, match=r"'grpo_jax.rewards.THINK_OPEN' is a str, not callable"):
+        rewards.get_reward_fn("grpo_jax.rewards.THINK_OPEN")
+
+
+class Scaled:
+    def __init__(self, scale):
+        self.scale = scale
+
+    def __call__(self, completions, **kwargs):
+        return [self.scale] * len(completions)
+
+
+def test_reward_spec_records_how_to_find_a_function_again():
+    assert rewards.reward_spec("trl.rewards.think_format_reward") == "trl.rewards.think_format_reward"
+    assert rewards.reward_spec(countdown_reward) == "grpo_jax.rewards.countdown_reward"
+    assert rewards.reward_spec(Scaled(0.5)) == 'test_rewards.Scaled({"scale": 0.5})'
+
+
+def test_reward_signatures_are_checked_against_trl_s_arguments():
+    def factory(max_len):  # like get_soft_overlong_punishment: it makes the reward function
+        return Scaled(max_len)
+
+    def needs_nums(completions, nums, **kwargs):
+        return [0.0] * len(completions)
+
+    rewards.check_reward_signature(Scaled(1.0), ["answer"])
+    rewards.check_reward_signature(needs_nums, ["nums", "target"])
+    with pytest.raises(ValueError, match=r"'factory' cannot be called with TRL's keyword arguments \(prompts, "
+                                         r"completions, completion_ids, trainer_state, answer\).*a factory must"):
+        rewards.check_reward_signature(factory, ["answer"])
+    with pytest.raises(ValueError, match=r"'needs_nums' cannot be called .*missing a required argument: 'nums'"):
+        rewards.check_reward_signature(needs_nums, ["answer"])
+
+
+def test_rows_no_function_applied_to_are_not_scored():
+    def first_only(prompts, completions, **_):
+        return [1.0, None, None]
+
+    def second_only(prompts, completions, **_):
+        return [None, 0.0, None]
+
+    result = compute_rewards([first_only, second_only], [1.0, 1.0], ["p"] * 3, ["c"] * 3)
+    np.testing.assert_array_equal(result.scored, [True, True, False])
+    np.testing.assert_array_equal(result.total, [1.0, 0.0, 0.0])

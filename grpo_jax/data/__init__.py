@@ -30,8 +30,10 @@ from grpo_jax.data.templates import (
     TEMPLATES,
     PromptTemplate,
     get_template,
+    prompt_messages,
     r1zero_template,
     render_prompt,
+    reward_inputs,
 )
 
 # A loader takes (data_path, seed, num_train, num_eval, **task-specific options) as keywords.
@@ -89,11 +91,16 @@ def register_task(name: str, loader: TaskLoader) -> None:
     TASKS[name] = loader
 
 
-def _with_rewards(task: Task, names: Sequence[str] | None, weights: Sequence[float] | None) -> Task:
-    """The task with its reward functions replaced by registered ones, and/or its weights replaced."""
-    fns = task.reward_fns if names is None else tuple(rewards.get_reward_fn(n) for n in names)
+def _with_rewards(task: Task, specs: Sequence[str | rewards.RewardFn] | None,
+                  weights: Sequence[float] | None) -> Task:
+    """The task with its reward functions replaced (names, import paths or callables), and/or its weights
+    replaced; every function is checked against TRL's keyword arguments and the task's columns."""
+    fns = task.reward_fns if specs is None else tuple(rewards.get_reward_fn(s) for s in specs)
     if weights is None:
-        weights = task.reward_weights if names is None else (1.0,) * len(fns)
+        weights = task.reward_weights if specs is None else (1.0,) * len(fns)
+    columns = batch_columns(task.train[:1])
+    for fn in fns + task.metric_fns:
+        rewards.check_reward_signature(fn, list(columns))
     return dataclasses.replace(task, reward_fns=fns, reward_weights=tuple(float(w) for w in weights))
 
 
@@ -104,7 +111,7 @@ def load_task(
     seed: int = 0,
     num_train: int | None = None,
     num_eval: int | None = None,
-    reward_names: Sequence[str] | None = None,
+    reward_funcs: Sequence[str | rewards.RewardFn] | None = None,
     reward_weights: Sequence[float] | None = None,
     **kwargs,
 ) -> Task:
@@ -115,15 +122,16 @@ def load_task(
       data_path: where the data lives, for tasks that read files (gsm8k, jsonl).
       seed: fixes generation and shuffling; the same arguments always give the same task.
       num_train, num_eval: split sizes; None keeps the task's default (everything, for data sets).
-      reward_names: names from `rewards.REWARD_FUNCTIONS` to train on instead of the task's own
-        (each weighted 1.0 unless `reward_weights` says otherwise).
+      reward_funcs: reward functions to train on instead of the task's own (each weighted 1.0 unless
+        `reward_weights` says otherwise): names from `rewards.REWARD_FUNCTIONS`, dotted import paths
+        (`trl.rewards.think_format_reward`) or callables.
       reward_weights: one weight per reward function.
       **kwargs: task-specific options (difficulty, column names, `eval_path`, `data_dir`, ...).
     """
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
     task = TASKS[name](data_path=data_path, seed=seed, num_train=num_train, num_eval=num_eval, **kwargs)
-    return _with_rewards(task, reward_names, reward_weights)
+    return _with_rewards(task, reward_funcs, reward_weights)
 
 
 __all__ = [
@@ -140,9 +148,11 @@ __all__ = [
     "get_template",
     "load_task",
     "prompt_key",
+    "prompt_messages",
     "question_answer_task",
     "r1zero_template",
     "register_task",
     "render_prompt",
+    "reward_inputs",
     "split_examples",
 ]

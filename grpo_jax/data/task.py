@@ -161,13 +161,17 @@ def generate_splits(
 
 
 def batch_columns(examples: Sequence[Example], repeat: int = 1) -> dict[str, list]:
-    """The examples' extra columns (all keys but "prompt") as lists, each example repeated `repeat` times.
+    """The examples' extra columns (all keys but "prompt") as lists, each example repeated `repeat` times,
+    with the reference answer also under TRL's name for it, `solution` (unless the data has its own).
 
     Row ``i * repeat + j`` belongs to example i, matching the layout of a rollout's G samples per prompt;
     the result is what `rewards.compute_rewards` takes as `columns`.
     """
     keys = [k for k in examples[0] if k != "prompt"] if examples else []
-    return {k: [example.get(k) for example in examples for _ in range(repeat)] for k in keys}
+    columns = {k: [example.get(k) for example in examples for _ in range(repeat)] for k in keys}
+    if "answer" in columns:
+        columns.setdefault("solution", columns["answer"])
+    return columns
 
 
 def question_answer_task(name: str, train: list[Example], evals: list[Example]) -> Task:

@@ -15,7 +15,10 @@ with "<think>" and treats its completion as starting inside the block.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
+
+from grpo_jax.data.task import batch_columns
 
 R1ZERO_TEMPLATE = (
     "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
@@ -84,16 +87,23 @@ def _question(example: dict[str, Any] | str) -> str:
     return example["prompt"]
 
 
-def _render_chat(question: str, tokenizer, prefill_think: bool) -> str:
+def prompt_messages(template: str | PromptTemplate, example: dict[str, Any] | str) -> list[dict[str, str]] | None:
+    """The prompt as chat messages (TRL's conversational form) under a chat template; None under a text one."""
+    if not get_template(template).needs_tokenizer:
+        return None
+    return [{"role": "user", "content": f"{_question(example)}\n\n{CHAT_INSTRUCTION}"}]
+
+
+def _render_chat(template: PromptTemplate, example, tokenizer) -> str:
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise ValueError(
             "the chat templates need a tokenizer with a chat_template (an instruct model's); for a base model "
             "use template='r1zero'"
         )
-    messages = [{"role": "user", "content": f"{question}\n\n{CHAT_INSTRUCTION}"}]
+    messages = prompt_messages(template, example)
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     # Some chat templates (e.g. DeepSeek-R1's distilled models) already open the think block.
-    if prefill_think and not text.rstrip().endswith(THINK_PREFILL):
+    if template.prefill_think and not text.rstrip().endswith(THINK_PREFILL):
         text += THINK_PREFILL
     return text
 
@@ -101,11 +111,32 @@ def _render_chat(question: str, tokenizer, prefill_think: bool) -> str:
 def render_prompt(template: str | PromptTemplate, example: dict[str, Any] | str, tokenizer=None) -> str:
     """The text the model continues for one example (a dict with "prompt", or the question itself)."""
     template = get_template(template)
-    question = _question(example)
     if template.needs_tokenizer:
-        return _render_chat(question, tokenizer, template.prefill_think)
+        return _render_chat(template, example, tokenizer)
     # str.replace, not str.format: custom template texts may hold literal braces.
-    return template.text.replace("{prompt}", question)
+    return template.text.replace("{prompt}", _question(example))
+
+
+def reward_inputs(template: str | PromptTemplate, examples: Sequence[dict[str, Any]], prompts: Sequence[str],
+                  completions: Sequence[str], num_samples: int) -> dict[str, Any]:
+    """`rewards.compute_rewards`' prompts, completions and columns for `num_samples` completions per example
+    (completion i*k+j is sample j of example i, `prompts` the rendered ones), in the form TRL gives them.
+
+    Under a chat template they are conversational: the prompt's messages and the assistant's message, whose
+    content is the whole turn (a "<think>" the prompt pre-filled, then the completion). Otherwise the
+    rendered prompt and the completion text.
+    """
+    k = num_samples
+    columns = batch_columns(examples, repeat=k)
+    if not get_template(template).needs_tokenizer:
+        return {"prompts": [p for p in prompts for _ in range(k)], "completions": list(completions), "columns": columns}
+    turn_starts = [p[p.rfind(THINK_PREFILL):] if p.rstrip().endswith(THINK_PREFILL) else "" for p in prompts]
+    return {
+        "prompts": [prompt_messages(template, example) for example in examples for _ in range(k)],
+        "completions": [[{"role": "assistant", "content": turn_starts[i // k] + text}]
+                        for i, text in enumerate(completions)],
+        "columns": columns,
+    }
 
 
 def r1zero_template(prompt: str) -> str:
