@@ -33,6 +33,7 @@ from grpo_jax.losses import (
     overlong_penalty,
     total_reward,
 )
+from grpo_jax.logprobs import DEFAULT_LOGITS_CHUNK_MB, chunk_tokens_for, chunked_token_logps
 from grpo_jax.models.transformer import Transformer, positions_from_mask
 from grpo_jax.optim import guarded_update
 from grpo_jax.sharding import opt_state_shardings, param_shardings, replicated
@@ -110,7 +111,8 @@ class GRPOConfig:
     kl_bias_correction: multiply the KL estimate by the importance ratio.
     importance_sampling_level: "token", or "sequence" (GSPO).
     scale_rewards, advantage_eps: see `group_advantages`.
-    logp_chunk_size: completion positions per chunk when turning hidden states into log-probs.
+    logits_chunk_mb: MiB of float32 logits made at once when turning hidden states into log-probs: the
+      completion tokens of all rows are cut into chunks of that many [tokens, V] logits (see `logprobs`).
     old_logps_from_sampler: use TrainBatch.sampling_logps as pi_old instead of recomputing them (skips a
       forward when mu > 1; with mu == 1 the ratio is then no longer exactly 1 but also corrects the
       sampler/trainer numerical mismatch).
@@ -132,7 +134,7 @@ class GRPOConfig:
     importance_sampling_level: str = "token"
     scale_rewards: str = "group"
     advantage_eps: float = 1e-4
-    logp_chunk_size: int = 256
+    logits_chunk_mb: float = DEFAULT_LOGITS_CHUNK_MB
     old_logps_from_sampler: bool = False
     dynamic_sampling: bool = False
     overlong_buffer_len: int = 0
@@ -158,9 +160,11 @@ class GRPOConfig:
             )
         if self.epsilon_high <= 0:
             raise ValueError(f"epsilon_high must be > 0, got {self.epsilon_high}")
-        for name in ("num_iterations", "num_minibatches", "num_microbatches", "logp_chunk_size"):
+        for name in ("num_iterations", "num_minibatches", "num_microbatches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.logits_chunk_mb <= 0:
+            raise ValueError(f"logits_chunk_mb must be > 0, got {self.logits_chunk_mb}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.max_completion_length is not None and self.max_completion_length < 1:
@@ -196,14 +200,14 @@ def token_logps(
     completion_mask: jax.Array,
     *,
     temperature: float = 1.0,
-    chunk_size: int = 256,
+    chunk_tokens: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """log pi(completion token | everything before it) and the entropy of that distribution, [B, C] each.
 
     One forward over concat(prompt, completion) with positions from `positions_from_mask` of the joint
     mask (prompts are left-padded; the sampler uses the same function, so positions agree). The logits
-    of `logits / temperature` are then made `chunk_size` positions at a time, never [B, C, V] at once,
-    and rematerialized in the backward pass.
+    of `logits / temperature` are then made `chunk_tokens` tokens (rows x positions) at a time, never
+    [B, C, V] at once, and rematerialized in the backward pass (`logprobs.chunked_token_logps`).
     """
     num_prompt = prompt_tokens.shape[1]
     if num_prompt < 1:
@@ -217,33 +221,8 @@ def token_logps(
     mask = jnp.concatenate([prompt_mask, completion_mask], axis=1).astype(jnp.bool_)
     hidden = model.apply(params, tokens, positions=positions_from_mask(mask), attention_mask=mask, return_hidden=True)
     # The state at position p predicts token p + 1: completion token j is predicted at num_prompt - 1 + j.
-    hidden_bcd = hidden[:, num_prompt - 1 : -1]
-    return _chunked_token_logps(model, params, hidden_bcd, completion_tokens, temperature, chunk_size)
-
-
-def _chunked_token_logps(model, params, hidden_bcd, tokens_bc, temperature, chunk_size):
-    """log-probs and entropies of `tokens_bc` from hidden states, `chunk_size` positions at a time."""
-    b, c, d = hidden_bcd.shape
-    chunk = min(chunk_size, c)
-    num_chunks = -(-c // chunk)
-    pad = num_chunks * chunk - c
-    hidden_nbkd = jnp.pad(hidden_bcd, ((0, 0), (0, pad), (0, 0))).reshape(b, num_chunks, chunk, d).swapaxes(0, 1)
-    tokens_nbk = jnp.pad(tokens_bc, ((0, 0), (0, pad))).reshape(b, num_chunks, chunk).swapaxes(0, 1)
-
-    @jax.checkpoint  # keep only the hidden chunk for the backward pass, not its [B, chunk, V] logits
-    def one_chunk(chunk_inputs):
-        hidden_bkd, tokens_bk = chunk_inputs
-        logps_bkv = jax.nn.log_softmax(model.logits(params, hidden_bkd) / temperature, axis=-1)
-        logps_bk = jnp.take_along_axis(logps_bkv, tokens_bk[..., None], axis=-1)[..., 0]
-        entropy_bk = -jnp.sum(jnp.exp(logps_bkv) * logps_bkv, axis=-1)
-        return logps_bk, entropy_bk
-
-    logps_nbk, entropy_nbk = jax.lax.map(one_chunk, (hidden_nbkd, tokens_nbk))
-
-    def unchunk(x_nbk):
-        return x_nbk.swapaxes(0, 1).reshape(b, num_chunks * chunk)[:, :c]
-
-    return unchunk(logps_nbk), unchunk(entropy_nbk)
+    return chunked_token_logps(model, params, hidden[:, num_prompt - 1 : -1], completion_tokens,
+                               temperature=temperature, chunk_tokens=chunk_tokens)
 
 
 # ---------------------------------------------------------------------------------------------- the update
@@ -343,7 +322,8 @@ class UpdateFn:
     def _logps(self, params, batch: TrainBatch):
         return token_logps(
             self.model, params, batch.prompt_tokens, batch.prompt_mask, batch.completion_tokens, batch.completion_mask,
-            temperature=self.config.temperature, chunk_size=self.config.logp_chunk_size,
+            temperature=self.config.temperature,
+            chunk_tokens=chunk_tokens_for(self.model.config.vocab_size, self.config.logits_chunk_mb),
         )
 
     def _frozen_logps(self, params, parts: TrainBatch) -> jax.Array:

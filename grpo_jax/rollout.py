@@ -179,7 +179,9 @@ def _sample(logits_bv: jax.Array, keys: jax.Array, step: jax.Array, s: SamplingC
     computes for the same token, so old and new log-probs of GRPO's ratio agree.
     """
     scaled = logits_bv.astype(jnp.float32) / (1.0 if s.greedy else s.temperature)
-    logp_bv = jax.nn.log_softmax(scaled, axis=-1)
+    # The normalizer alone, not a [B, V] log-softmax: one more full-vocabulary array per step otherwise.
+    log_normalizer_b = jax.nn.logsumexp(scaled, axis=-1)
+    unsuppressed = scaled
     if s.eos_ids and s.min_new_tokens > 0:
         is_eos_v = jnp.zeros(scaled.shape[-1], jnp.bool_).at[jnp.array(s.eos_ids)].set(True)
         scaled = jnp.where((step < s.min_new_tokens) & is_eos_v, -jnp.inf, scaled)
@@ -192,7 +194,7 @@ def _sample(logits_bv: jax.Array, keys: jax.Array, step: jax.Array, s: SamplingC
         else:
             tokens = jax.vmap(_categorical)(step_keys, scaled)
     tokens = tokens.astype(jnp.int32)
-    return tokens, jnp.take_along_axis(logp_bv, tokens[:, None], axis=-1)[:, 0]
+    return tokens, jnp.take_along_axis(unsuppressed, tokens[:, None], axis=-1)[:, 0] - log_normalizer_b
 
 
 # ---------------------------------------------------------------------------------------------- the loop

@@ -31,6 +31,7 @@ import optax
 from jax.sharding import Mesh
 
 from grpo_jax.checkpoint import Checkpointer, abstract_with_shardings, resume_advice
+from grpo_jax.logprobs import chunked_token_logps
 from grpo_jax.models.transformer import Transformer
 from grpo_jax.optim import OptimizerConfig, guarded_update, make_optimizer
 from grpo_jax.sharding import (
@@ -163,13 +164,18 @@ def iterate_batches(rows: SFTBatch, batch_size: int, seed: int = 0) -> Iterator[
 # ---------------------------------------------------------------------------------------------- the loss
 
 
-def sft_loss(model: Transformer, params, batch: SFTBatch) -> tuple[jax.Array, jax.Array]:
-    """(mean cross-entropy over target tokens, number of target tokens) of a batch."""
+def sft_loss(
+    model: Transformer, params, batch: SFTBatch, *, chunk_tokens: int | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """(mean cross-entropy over target tokens, number of target tokens) of a batch.
+
+    The logits are made `chunk_tokens` tokens at a time and recomputed in the backward pass
+    (`logprobs.chunked_token_logps`): never [B, T, V] at once."""
     # Default positions (`positions_from_mask`) run 0, 1, 2, ... along packed and right-padded rows alike.
-    logits_btv = model.apply(params, batch.tokens[:, :-1], attention_mask=batch.attention_mask[:, :-1])
-    targets_bt = batch.tokens[:, 1:]
+    hidden_btd = model.apply(params, batch.tokens[:, :-1], attention_mask=batch.attention_mask[:, :-1],
+                             return_hidden=True)
+    logp_bt, _ = chunked_token_logps(model, params, hidden_btd, batch.tokens[:, 1:], chunk_tokens=chunk_tokens)
     weights_bt = batch.loss_mask[:, 1:].astype(jnp.float32)
-    logp_bt = jnp.take_along_axis(jax.nn.log_softmax(logits_btv, axis=-1), targets_bt[..., None], axis=-1)[..., 0]
     count = weights_bt.sum()
     return -(logp_bt * weights_bt).sum() / jnp.maximum(count, 1.0), count
 

@@ -431,8 +431,8 @@ def test_token_logps_match_unpadded_full_forward():
 
     batch = [jnp.asarray(x) for x in (prompt_tokens, prompt_mask, completions, completion_mask)]
     real = completion_mask > 0
-    # chunk_size 3 over 7 positions: several chunks, the last one padded.
-    compute = jax.jit(lambda *xs: token_logps(model, params, *xs, temperature=temperature, chunk_size=3))
+    # 3 tokens per chunk over 2 x 7 tokens: chunks that straddle rows, the last one padded.
+    compute = jax.jit(lambda *xs: token_logps(model, params, *xs, temperature=temperature, chunk_tokens=3))
     logps, entropy = compute(*batch)
     np.testing.assert_allclose(np.asarray(logps)[real], expected_logps[real], atol=2e-5, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(entropy)[real], expected_entropy[real], atol=2e-5, rtol=1e-5)
@@ -449,17 +449,23 @@ def _all_avals(jaxpr):
                     yield from _all_avals(inner)
 
 
-def test_token_logps_never_builds_whole_batch_logits():
-    """Forward and backward: no intermediate with a vocabulary axis is as large as [B, C, V]."""
+def test_token_logps_bounds_the_logits_by_tokens_whatever_the_batch():
+    """Forward and backward: no intermediate with a vocabulary axis holds more than chunk_tokens rows of
+    logits (the [V, D] head weight and its gradient aside), at any batch size and completion length."""
     model = Transformer(TINY)
     params = model.init(jax.random.key(0))
-    b, p, c, v = 4, 3, 16, TINY.vocab_size
-    prompt, completion = jnp.zeros((b, p), jnp.int32), jnp.zeros((b, c), jnp.int32)
+    p, v, d, chunk = 3, TINY.vocab_size, TINY.hidden_size, 4
 
-    def loss(params):
-        logps, _ = token_logps(model, params, prompt, jnp.ones((b, p)), completion, jnp.ones((b, c)), chunk_size=4)
-        return logps.sum()
+    def largest_vocab_block(b, c):
+        prompt, completion = jnp.zeros((b, p), jnp.int32), jnp.zeros((b, c), jnp.int32)
 
-    jaxpr = jax.make_jaxpr(jax.grad(loss))(params).jaxpr
-    vocab_sized = [int(np.prod(a.shape)) for a in _all_avals(jaxpr) if getattr(a, "shape", ()) and a.shape[-1] == v]
-    assert vocab_sized and max(vocab_sized) < b * c * v
+        def loss(params):
+            logps, _ = token_logps(model, params, prompt, jnp.ones((b, p)), completion, jnp.ones((b, c)),
+                                   chunk_tokens=chunk)
+            return logps.sum()
+
+        jaxpr = jax.make_jaxpr(jax.grad(loss))(params).jaxpr
+        return max(int(np.prod(a.shape)) for a in _all_avals(jaxpr)
+                   if getattr(a, "shape", ()) and a.shape[-1] == v and a.shape != (d, v))
+
+    assert largest_vocab_block(4, 16) == largest_vocab_block(16, 64) == chunk * v
