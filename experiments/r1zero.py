@@ -61,6 +61,7 @@ CACHE_DIR = os.environ.get("GRPO_JAX_CACHE", os.path.join(os.path.expanduser("~"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from grpo_jax.lora import add_lora_flags
     from grpo_jax.sharding import add_cpu_devices_flag
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -104,6 +105,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--remat", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute attention in the backward: far less activation memory on long completions "
                         "(the TPU presets turn it on)")
+    add_lora_flags(p)
     p.add_argument("--mesh", help="device mesh, e.g. data=2,fsdp=2,tensor=2 (-1 fills the rest)")
     add_cpu_devices_flag(p)
     p.add_argument("--coordinator", help="HOST:PORT of process 0, for multi-process runs off TPU")
@@ -140,6 +142,7 @@ def check_data_flags(task: str, data: str | None) -> None:
 def build_config(args: argparse.Namespace):
     from grpo_jax.evaluate import EvalConfig
     from grpo_jax.grpo import GRPOConfig
+    from grpo_jax.lora import lora_config_from_args
     from grpo_jax.optim import OptimizerConfig
     from grpo_jax.trainer import TrainConfig
 
@@ -173,6 +176,7 @@ def build_config(args: argparse.Namespace):
         temperature=temperature,
         dtype=pick("dtype") or "float32",
         remat=bool(pick("remat")),
+        lora=lora_config_from_args(args),
         mesh=pick("mesh") or "data=-1",
         grpo=GRPOConfig(
             loss_type=args.loss_type, beta=pick("beta"), epsilon_low=args.epsilon_low, epsilon_high=args.epsilon_high,

@@ -25,6 +25,7 @@ from grpo_jax import rewards as reward_lib
 from grpo_jax.checkpoint import Checkpointer, abstract_with_shardings, sigterm_caught
 from grpo_jax.data import batch_columns, load_task, render_prompt
 from grpo_jax.evaluate import STOP_STRINGS, EvalConfig, evaluate, tokenizer_eos_ids
+from grpo_jax.lora import ADAPTER_DIR, LoraConfig, init_adapter, merge, save_peft_adapter
 from grpo_jax.grpo import (
     GRPOConfig,
     TrainBatch,
@@ -87,6 +88,7 @@ class TrainConfig:
     top_k: int = 0
     dtype: str = "float32"
     remat: bool = False  # recompute attention in the backward (Transformer.remat): long completions on GPU/TPU
+    lora: LoraConfig = LoraConfig()  # rank 0: full fine-tune; else train an adapter on the frozen base
     grpo: GRPOConfig = GRPOConfig()
     optim: OptimizerConfig = OptimizerConfig()
     mesh: str = "data=-1"
@@ -114,6 +116,10 @@ class TrainConfig:
                 f"grpo.temperature ({self.grpo.temperature}) must equal the sampling temperature ({self.temperature}): "
                 "training log-probs must use the distribution the samples came from"
             )
+
+        if self.lora.enabled and self.ref_refresh_every:
+            raise ValueError("ref_refresh_every needs a full fine-tune: with LoRA the reference is the frozen base "
+                             "model (the adapter switched off); drop --ref_refresh_every or --lora_rank")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -160,11 +166,18 @@ class Trainer:
         self.optimizer = make_optimizer(cfg.optim)
         self.param_shardings = param_shardings(self.model, self.mesh)
         params = shard_params(params, self.param_shardings)
-        state = TrainState.create(params, self.optimizer)
+        if cfg.lora.enabled:
+            # The state trains the adapter; the base params stay frozen and are also the reference policy.
+            state = TrainState.create(init_adapter(jax.random.key(cfg.seed), self.model), self.optimizer)
+            self.ref_params = params
+        else:
+            state = TrainState.create(params, self.optimizer)
+            # The reference starts as a copy of the initial policy (a frozen copy: the state is donated).
+            self.ref_params = jax.tree.map(jnp.copy, params) if cfg.grpo.beta > 0 else None
         self.state_shardings = state.shardings(self.model, self.mesh)
         self.state = jax.device_put(state, self.state_shardings)
-        # The reference starts as a copy of the initial policy (a frozen copy: the state is donated).
-        self.ref_params = jax.tree.map(jnp.copy, params) if cfg.grpo.beta > 0 else None
+        self._merge = jax.jit(lambda base, adapter: merge(base, adapter, cfg.lora),
+                              out_shardings=self.param_shardings)
 
         self.sampling = SamplingConfig(
             num_samples=cfg.group_size, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
@@ -182,6 +195,11 @@ class Trainer:
         self.writer = MetricsWriter(cfg.output_dir, enabled=is_main_process())
         self.step = 0
         self._preempted = False
+
+    def policy_params(self):
+        """The policy's weights for sampling and export: with LoRA the adapter merged into the base (sampling
+        the merged weights was faster than applying the adapter at every decode step, docs/benchmarks.md)."""
+        return self._merge(self.ref_params, self.state.params) if self.config.lora.enabled else self.state.params
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -229,7 +247,7 @@ class Trainer:
         prompts = host_to_global(batch.tokens, sharding, shape)
         prompt_mask = host_to_global(batch.mask, sharding, shape)
         key = jax.random.fold_in(jax.random.key(cfg.seed), step)
-        out = self.generate(self.state.params, prompts, prompt_mask, key)
+        out = self.generate(self.policy_params(), prompts, prompt_mask, key)
         return texts, batch, out
 
     def _rewards(self, texts, examples, tokens, mask):
@@ -319,7 +337,7 @@ class Trainer:
 
     def evaluate(self) -> dict:
         cfg = self.config
-        return evaluate(self.model, self.state.params, self.tokenizer, self.task.eval, self.task,
+        return evaluate(self.model, self.policy_params(), self.tokenizer, self.task.eval, self.task,
                         template=cfg.template, config=cfg.eval, max_prompt_len=cfg.max_prompt_len,
                         prompt_width=self.prompt_width, mesh=self.mesh)
 
@@ -380,8 +398,14 @@ class Trainer:
         return summary
 
     def export(self, out_dir: str) -> None:
-        """The policy as a Hugging Face checkpoint with its tokenizer (servable by the usual engines)."""
-        export_policy(self.model, self.state.params, self.tokenizer, out_dir)
+        """The policy as a Hugging Face checkpoint with its tokenizer (servable by the usual engines); with
+        LoRA the merged weights, and the adapter alone in PEFT's format in OUTPUT_DIR/adapter/."""
+        export_policy(self.model, self.policy_params(), self.tokenizer, out_dir)
+        if self.config.lora.enabled:
+            adapter = jax.tree.map(to_host, self.state.params)
+            if is_main_process():
+                save_peft_adapter(adapter, self.config.lora, os.path.join(self.config.output_dir, ADAPTER_DIR),
+                                  base_model=self.config.model)
 
     def _on_sigterm(self) -> None:
         """Preemption: finish the current step, save it, exit cleanly (the loop checks the flag)."""
@@ -403,6 +427,8 @@ def load_run_inputs(config: TrainConfig):
     task = load_task(config.task, data_path=config.data, seed=config.seed, num_train=config.num_train,
                      num_eval=config.num_eval, **config.task_options)
     _, model, params, tokenizer = load_policy(config.model, config.dtype, config.remat)
+    if config.lora.enabled:
+        model = dataclasses.replace(model, lora=config.lora)
     return task, model, params, tokenizer
 
 
