@@ -28,7 +28,7 @@ setup(
     ],
     extras_require={
         # torch only serves the logits-parity tests against transformers' PyTorch models.
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "pyarrow>=15", "torch==2.13.0"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "pyarrow>=15", "torch==2.13.0", "peft>=0.21"],
         "tpu": ["jax[tpu]"],
         "gpu": ["jax[cuda12]"],
         "data": ["tensorflow-datasets>=4.9", "grain>=0.2", "pyarrow>=15"],
