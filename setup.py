@@ -27,7 +27,7 @@ setup(
         "matplotlib>=3.8",
     ],
     extras_require={
-        # torch only serves the logits-parity tests against transformers' PyTorch models.
+        # torch and peft only serve the parity tests against transformers' and PEFT's PyTorch models.
         "test": ["pytest>=8", "pytest-xdist>=3.5", "pyarrow>=15", "torch==2.13.0", "peft>=0.21"],
         "tpu": ["jax[tpu]"],
         "gpu": ["jax[cuda12]"],

@@ -139,6 +139,13 @@ def with_adapter(base: dict, adapter: dict) -> dict:
     return dict(base, layers=dict(base["layers"], lora=adapter))
 
 
+def split_adapter(params: dict) -> tuple[dict, dict | None]:
+    """(base, adapter) of a policy's params: the inverse of `with_adapter` (adapter None when there is none)."""
+    layers = dict(params["layers"])
+    adapter = layers.pop("lora", None)
+    return dict(params, layers=layers), adapter
+
+
 def merge(base: dict, adapter: dict, config: LoraConfig) -> dict:
     """Plain params with the adapter folded in: W + scale · A @ B for each target, in W's dtype."""
     layers = dict(base["layers"])

@@ -25,7 +25,7 @@ from grpo_jax import rewards as reward_lib
 from grpo_jax.checkpoint import Checkpointer, abstract_with_shardings, sigterm_caught
 from grpo_jax.data import batch_columns, load_task, render_prompt
 from grpo_jax.evaluate import STOP_STRINGS, EvalConfig, evaluate, tokenizer_eos_ids
-from grpo_jax.lora import ADAPTER_DIR, LoraConfig, init_adapter, merge, save_peft_adapter
+from grpo_jax.lora import LoraConfig, init_adapter, merge, with_adapter
 from grpo_jax.grpo import (
     GRPOConfig,
     TrainBatch,
@@ -399,13 +399,9 @@ class Trainer:
 
     def export(self, out_dir: str) -> None:
         """The policy as a Hugging Face checkpoint with its tokenizer (servable by the usual engines); with
-        LoRA the merged weights, and the adapter alone in PEFT's format in OUTPUT_DIR/adapter/."""
-        export_policy(self.model, self.policy_params(), self.tokenizer, out_dir)
-        if self.config.lora.enabled:
-            adapter = jax.tree.map(to_host, self.state.params)
-            if is_main_process():
-                save_peft_adapter(adapter, self.config.lora, os.path.join(self.config.output_dir, ADAPTER_DIR),
-                                  base_model=self.config.model)
+        LoRA the merged weights, and the adapter alone in PEFT's format in OUTPUT_DIR/adapter/ (`export_policy`)."""
+        params = with_adapter(self.ref_params, self.state.params) if self.config.lora.enabled else self.state.params
+        export_policy(self.model, params, self.tokenizer, out_dir, base_model=self.config.model)
 
     def _on_sigterm(self) -> None:
         """Preemption: finish the current step, save it, exit cleanly (the loop checks the flag)."""
