@@ -353,9 +353,19 @@ class UpdateFn:
     def _lora(self) -> bool:
         return self.model.lora is not None and self.model.lora.enabled
 
-    def _policy(self, trainable, frozen):
-        """The policy's params: the adapter on the frozen base with LoRA, else the trainable params."""
-        return with_adapter(frozen, trainable) if self._lora else trainable
+    def _policy(self, trainable, frozen, dropout_key=None):
+        """The policy's params: the adapter on the frozen base with LoRA (and its dropout with a key), else
+        the trainable params."""
+        return with_adapter(frozen, trainable, dropout_key) if self._lora else trainable
+
+    def _dropout_keys(self, step: jax.Array):
+        """One key per micro-batch [mu, M, K] for the adapter's dropout (None without dropout): a function of
+        the update's step, so that a resumed run draws the same masks."""
+        cfg = self.config
+        if not self._lora or self.model.lora.dropout == 0:
+            return None
+        return jax.random.split(jax.random.fold_in(jax.random.key(0), step),
+                                (cfg.num_iterations, cfg.num_minibatches, cfg.num_microbatches))
 
     def _logps(self, params, batch: TrainBatch):
         return token_logps(
@@ -369,9 +379,9 @@ class UpdateFn:
         logps = jax.lax.map(lambda part: jax.lax.stop_gradient(self._logps(params, part)[0]), flat)
         return logps.reshape(parts.completion_mask.shape)
 
-    def _loss(self, params, frozen, part: TrainBatch, old_logps, ref_logps, totals: BatchTotals):
+    def _loss(self, params, frozen, dropout_key, part: TrainBatch, old_logps, ref_logps, totals: BatchTotals):
         cfg = self.config
-        logps, entropies = self._logps(self._policy(params, frozen), part)
+        logps, entropies = self._logps(self._policy(params, frozen, dropout_key), part)
         return grpo_loss(
             logps, old_logps, ref_logps, part.advantages, part.completion_mask,
             loss_type=cfg.loss_type, epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, beta=cfg.beta,
@@ -379,15 +389,16 @@ class UpdateFn:
             importance_sampling_level=cfg.importance_sampling_level, batch_totals=totals, entropies=entropies,
         )
 
-    def _minibatch_gradient(self, params, frozen, microbatches: TrainBatch, old_logps, ref_logps):
+    def _minibatch_gradient(self, params, frozen, microbatches: TrainBatch, old_logps, ref_logps, dropout_keys):
         """((loss, metrics), gradient) of one minibatch [K, rows, ...]: a sum over its K micro-batches,
         each normalized by the minibatch's totals, so that the sum is the minibatch's loss."""
         mask = microbatches.completion_mask
         totals = BatchTotals.of(mask.reshape(-1, mask.shape[-1]))
-        grad_fn = jax.value_and_grad(lambda p, *inputs: self._loss(p, frozen, *inputs), has_aux=True)
+        grad_fn = jax.value_and_grad(lambda p, key, *inputs: self._loss(p, frozen, key, *inputs), has_aux=True)
         inputs = (microbatches, old_logps, ref_logps)
         if self.config.num_microbatches == 1:
-            return grad_fn(params, *jax.tree.map(lambda x: x[0], inputs), totals)
+            first = jax.tree.map(lambda x: x[0], (dropout_keys, inputs))
+            return grad_fn(params, first[0], *first[1], totals)
         replicas = self._replicas(rows=mask.shape[1])
         if replicas == 1:
             zeros = jax.tree.map(jnp.zeros_like, params)
@@ -395,10 +406,11 @@ class UpdateFn:
             grad_fn, inputs, zeros = self._per_replica(grad_fn, inputs, params, replicas)
 
         def accumulate(grads, micro_inputs):
-            (loss, metrics), micro_grads = grad_fn(params, *micro_inputs, totals)
+            key, micro_inputs = micro_inputs
+            (loss, metrics), micro_grads = grad_fn(params, key, *micro_inputs, totals)
             return jax.tree.map(jnp.add, grads, micro_grads), (loss, metrics)
 
-        grads, (losses, metrics) = jax.lax.scan(accumulate, zeros, inputs)
+        grads, (losses, metrics) = jax.lax.scan(accumulate, zeros, (dropout_keys, inputs))
         if replicas > 1:
             grads = jax.tree.map(lambda g: g.sum(axis=0), grads)  # the one all-reduce
         metrics = {name: PART_METRIC_REDUCTIONS.get(name, jnp.sum)(values) for name, values in metrics.items()}
@@ -429,7 +441,7 @@ class UpdateFn:
                 jnp.zeros((replicas, *param.shape), param.dtype), NamedSharding(mesh, P("data", *sharding.spec))
             )
 
-        per_replica_fn = jax.vmap(grad_fn, in_axes=(None, 0, 0, 0, None))
+        per_replica_fn = jax.vmap(grad_fn, in_axes=(None, None, 0, 0, 0, None))
         return per_replica_fn, jax.tree.map(by_replica, inputs), jax.tree.map(
             zeros, params, trainable_shardings(self.model, mesh))
 
@@ -453,12 +465,12 @@ class UpdateFn:
             old_logps = None  # on-policy: grpo_loss uses stop_gradient(logps)
         ref_logps = self._frozen_logps(ref_params, minibatches) if cfg.beta != 0.0 else None
 
-        def one_pass(carry, _):
+        def one_pass(carry, dropout_keys):
             step = functools.partial(self._optimizer_step, frozen=ref_params)
-            return jax.lax.scan(step, carry, (minibatches, old_logps, ref_logps))
+            return jax.lax.scan(step, carry, (minibatches, old_logps, ref_logps, dropout_keys))
 
         (params, opt_state), metrics = jax.lax.scan(
-            one_pass, (state.params, state.opt_state), None, length=cfg.num_iterations
+            one_pass, (state.params, state.opt_state), self._dropout_keys(state.step), length=cfg.num_iterations
         )
         metrics = {
             name: _METRIC_REDUCTIONS.get(name, jnp.nanmean)(values.reshape(-1)) for name, values in metrics.items()

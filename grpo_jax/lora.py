@@ -134,15 +134,27 @@ def init_adapter(key: jax.Array, model) -> dict:
     return adapter
 
 
-def with_adapter(base: dict, adapter: dict) -> dict:
-    """The policy's params: `base` with the adapter under layers["lora"] (no weight is copied)."""
+def with_adapter(base: dict, adapter: dict, dropout_key: jax.Array | None = None) -> dict:
+    """The policy's params: `base` with the adapter under layers["lora"] (no weight is copied). With a
+    `dropout_key`, each layer also gets a key of its own for the adapter's dropout (training only)."""
+    if dropout_key is not None:
+        num_layers = jax.tree.leaves(adapter)[0].shape[0]
+        adapter = dict(adapter, dropout_key=jax.random.split(dropout_key, num_layers))
     return dict(base, layers=dict(base["layers"], lora=adapter))
+
+
+def adapter_dropout(x: jax.Array, key: jax.Array, name: str, rate: float) -> jax.Array:
+    """Inverted dropout of the adapter's input to projection `name`: each target draws its own mask."""
+    keep = jax.random.bernoulli(jax.random.fold_in(key, list(TARGET_MODULES).index(name)), 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
 def split_adapter(params: dict) -> tuple[dict, dict | None]:
     """(base, adapter) of a policy's params: the inverse of `with_adapter` (adapter None when there is none)."""
     layers = dict(params["layers"])
     adapter = layers.pop("lora", None)
+    if adapter is not None:
+        adapter = {name: ab for name, ab in adapter.items() if name != "dropout_key"}
     return dict(params, layers=layers), adapter
 
 

@@ -216,15 +216,16 @@ class SFTConfig:
 
 
 def make_train_step(model: Transformer, optimizer: optax.GradientTransformation, **jit_kwargs) -> Callable:
-    """The jitted step `(params, opt_state, batch, base=None) -> (params, opt_state, metrics)` (params, state
-    donated). With a LoRA model, `params` is the adapter and `base` the frozen weights it applies to.
+    """The jitted step `(params, opt_state, batch, base=None, dropout_key=None) -> (params, opt_state, metrics)`
+    (params, state donated). With a LoRA model, `params` is the adapter and `base` the frozen weights it
+    applies to; `dropout_key` draws the adapter's dropout masks.
 
     A step whose loss or gradient is not finite changes nothing and reports `skipped` = 1.
     """
 
-    def step(params, opt_state, batch: SFTBatch, base=None):
+    def step(params, opt_state, batch: SFTBatch, base=None, dropout_key=None):
         def loss_fn(trainable):
-            return sft_loss(model, trainable if base is None else with_adapter(base, trainable), batch)
+            return sft_loss(model, trainable if base is None else with_adapter(base, trainable, dropout_key), batch)
 
         (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         params, opt_state, metrics = guarded_update(optimizer, params, opt_state, grads, loss)
@@ -328,7 +329,8 @@ def sft_train(
             raise ValueError(f"batches ran out after {step} of {config.num_steps} steps: "
                              "give an endless iterator (e.g. iterate_batches) or lower num_steps") from None
         shape = _check_batch(batch, shape, model.config.vocab_size)
-        params, opt_state, metrics = train_step(params, opt_state, placement.put_batch(batch), base)
+        dropout_key = jax.random.fold_in(jax.random.key(0), step) if base is not None and model.lora.dropout else None
+        params, opt_state, metrics = train_step(params, opt_state, placement.put_batch(batch), base, dropout_key)
         step += 1
         losses.append(metrics["loss"])
         skipped.append(metrics["skipped"])

@@ -13,6 +13,7 @@ from grpo_jax.grpo import GRPOConfig, TrainBatch, TrainState, make_update_fn, to
 from grpo_jax.lora import (
     ALL_TARGETS,
     LoraConfig,
+    adapter_dropout,
     init_adapter,
     merge,
     parse_targets,
@@ -20,6 +21,7 @@ from grpo_jax.lora import (
     save_peft_adapter,
     with_adapter,
 )
+from conftest import TINY_CONFIGS
 from grpo_jax.models import ModelConfig, Transformer
 from grpo_jax.optim import OptimizerConfig, make_optimizer
 
@@ -209,7 +211,6 @@ def test_peft_loads_the_adapter_onto_the_base_with_the_merged_models_logits(fami
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
 
-    from conftest import TINY_CONFIGS
     from grpo_jax.models import save_pretrained
 
     config = LoraConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj", "o_proj", "up_proj", "down_proj"))
@@ -233,3 +234,43 @@ def test_peft_loads_the_adapter_onto_the_base_with_the_merged_models_logits(fami
     assert np.abs(peft_logits - np.asarray(model.apply(base, jnp.asarray(ids, jnp.int32)))).max() > 0.1
     np.testing.assert_allclose(peft_logits, merged_logits, atol=1e-4)
     np.testing.assert_allclose(peft_logits, ours, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- dropout
+
+
+def test_adapter_dropout_zeroes_a_fraction_and_rescales_the_rest():
+    x = jnp.ones((64, 128), jnp.float32)
+    key = jax.random.key(0)
+    out = np.asarray(adapter_dropout(x, key, "wq", 0.25))
+    np.testing.assert_allclose(np.unique(out), [0.0, 1 / 0.75], rtol=1e-6)
+    assert (out == 0).mean() == pytest.approx(0.25, abs=0.02)
+    assert not np.array_equal(out, np.asarray(adapter_dropout(x, key, "wk", 0.25)))  # a mask per target
+    np.testing.assert_array_equal(out, np.asarray(adapter_dropout(x, key, "wq", 0.25)))  # a function of the key
+
+
+def test_dropout_acts_in_training_only_and_draws_the_same_masks_on_a_rerun():
+    model = Transformer(TINY_CONFIGS["qwen2"])
+    base = model.init(jax.random.key(0), std=0.3)
+    lora = LoraConfig(rank=4, alpha=8.0, dropout=0.3)
+    lora_model = Transformer(model.config, lora=lora)
+    adapter = random_adapter(lora_model)
+    ids = jnp.asarray(np.random.default_rng(0).integers(1, 64, (2, 9)), jnp.int32)
+    plain = lora_model.apply(with_adapter(base, adapter), ids)
+    dropped = lora_model.apply(with_adapter(base, adapter, jax.random.key(3)), ids)
+    assert float(jnp.max(jnp.abs(plain - dropped))) > 1e-3
+    np.testing.assert_allclose(np.asarray(plain), np.asarray(lora_model.apply(merge(base, adapter, lora), ids)),
+                               rtol=1e-4, atol=1e-4)  # sampling and the reference see no dropout
+
+    optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-3))
+    batch = update_inputs(model.config)
+
+    def update(model, config=GRPOConfig(beta=0.04, num_microbatches=2)):
+        state = TrainState.create(jax.tree.map(jnp.copy, adapter), optimizer)
+        return make_update_fn(model, config, optimizer)(state, base, batch)
+
+    (first, first_metrics), (second, second_metrics) = update(lora_model), update(lora_model)
+    _, no_dropout = update(Transformer(model.config, lora=LORA))
+    assert float(first_metrics["loss"]) == float(second_metrics["loss"])
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), first.params, second.params)
+    assert float(first_metrics["loss"]) != pytest.approx(float(no_dropout["loss"]), rel=1e-4)

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from grpo_jax.lora import LoraConfig
+from grpo_jax.lora import LoraConfig, adapter_dropout
 from grpo_jax.models.config import ModelConfig
 
 # Large finite negative instead of -inf: a fully masked row (a left-pad query) stays finite.
@@ -471,13 +471,17 @@ class Transformer:
         return x + self._project(p, "w_down", jax.nn.silu(gate) * up)
 
     def _project(self, p, name, x):
-        """`x @ p[name]`, plus the layer's LoRA adapter on it if the params carry one."""
+        """`x @ p[name]`, plus the layer's LoRA adapter on it if the params carry one (with its dropout when
+        they carry a dropout key)."""
         y = dense(x, p[name])
-        adapter = p.get("lora", {}).get(name)
-        if adapter is None:
+        lora = p.get("lora", {})
+        if name not in lora:
             return y
-        delta = dense(dense(x.astype(adapter["a"].dtype), adapter["a"]), adapter["b"])
-        return y + (self.lora.scale * delta).astype(y.dtype)
+        a, b = lora[name]["a"], lora[name]["b"]
+        x = x.astype(a.dtype)
+        if "dropout_key" in lora:
+            x = adapter_dropout(x, lora["dropout_key"], name, self.lora.dropout)
+        return y + (self.lora.scale * dense(dense(x, a), b)).astype(y.dtype)
 
 
 def _write_slots(buffer: jax.Array, values: jax.Array, start: jax.Array, slot_axis: int) -> jax.Array:
