@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from grpo_jax.grpo import GRPOConfig, TrainBatch, TrainState, group_advantages, make_update_fn
-from grpo_jax.lora import add_lora_flags, count_params, init_adapter, lora_config_from_args, merge, with_adapter
+from grpo_jax.lora import add_lora_flags, count_params, init_adapter, lora_config_from_args, make_rollout_params
 from grpo_jax.metrics import pyplot
 from grpo_jax.models import ModelConfig, Transformer, load_pretrained
 from grpo_jax.optim import OptimizerConfig, make_optimizer
@@ -310,9 +310,7 @@ class GRPOStep:
         if model.lora is not None:  # as the trainer: the adapter trains, the base is frozen and the reference
             state = TrainState.create(init_adapter(jax.random.key(args.seed), model), optimizer)
             self.ref_params = params
-            self.policy = jax.jit(lambda base, adapter: merge(base, adapter, model.lora), out_shardings=shardings)
-            if args.lora_rollout == "unmerged":
-                self.policy = with_adapter
+            self.policy = make_rollout_params(model.lora, shardings)
         else:
             state = TrainState.create(params, optimizer)
             self.ref_params = jax.tree.map(jnp.copy, params) if w.beta > 0 else None
@@ -499,8 +497,8 @@ def summarize(records: list[dict], traces: list[dict], memory: dict, c: ModelCon
         "final_loss": records[-1]["loss"],
         "trainable_params": trainable_params,
         "workload": dict(dataclasses.asdict(w), min_new_tokens=args.min_new_tokens, dtype=args.dtype, mesh=args.mesh,
-                         remat=args.remat, generated_tokens_per_step=tokens, lora=dataclasses.asdict(lora_config_from_args(args)),
-                         lora_rollout=args.lora_rollout),
+                         remat=args.remat, generated_tokens_per_step=tokens,
+                         lora=dataclasses.asdict(lora_config_from_args(args))),
         "model": {"path": args.model or f"random qwen2 ({args.random_model})", "params": c.num_params},
         "machine": machine_info(),
     }
@@ -665,9 +663,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--remat", action=argparse.BooleanOptionalAction, default=False,
                    help="recompute attention and elementwise work in the backward (Transformer.remat)")
     add_lora_flags(p)
-    p.add_argument("--lora_rollout", choices=("merged", "unmerged"), default="merged",
-                   help="with LoRA, sample with the adapter merged into the weights (the trainer's way) or "
-                        "applied at every decode step")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--peak_size", type=int, default=None,
                    help="side of the square matmul that measures peak_gflops (default 2048 on CPU, 8192 on accelerators)")

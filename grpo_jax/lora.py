@@ -22,6 +22,7 @@ adapter_model.safetensors with PEFT's tensor names), so `peft.PeftModel.from_pre
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Any
@@ -52,12 +53,16 @@ class LoraConfig:
     """rank: r (0 = no adapter: a full fine-tune). alpha: the update is scaled by alpha / r.
     targets: the projections that get an adapter, by their Hugging Face names (q_proj, k_proj, v_proj,
     o_proj, gate_proj, up_proj, down_proj). dropout: PEFT's lora_dropout, on the adapter's input in
-    training (not in sampling, log-probs of pi_old or the reference)."""
+    training (not in sampling, log-probs of pi_old or the reference).
+    merged_rollout: sample with the adapter merged into the weights (faster, docs/benchmarks.md; one more
+    copy of the weights while sampling), or apply it at every decode step (no copy: for a model that
+    barely fits). The same numbers up to float rounding."""
 
     rank: int = 0
     alpha: float = 16.0
     targets: tuple[str, ...] = ALL_TARGETS
     dropout: float = 0.0
+    merged_rollout: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "targets", tuple(self.targets))
@@ -96,11 +101,14 @@ def add_lora_flags(parser) -> None:
     parser.add_argument("--lora_targets", default="all",
                         help=f"comma-separated projections that get an adapter, or 'all' ({','.join(ALL_TARGETS)})")
     parser.add_argument("--lora_dropout", type=float, default=0.0, help="dropout on the adapters' input in training")
+    parser.add_argument("--lora_rollout", choices=("merged", "unmerged"), default="merged",
+                        help="sample with the adapter merged into the weights (faster; one more copy of the weights "
+                             "while sampling) or applied at every decode step (no copy)")
 
 
 def lora_config_from_args(args) -> LoraConfig:
     return LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha, targets=parse_targets(args.lora_targets),
-                      dropout=args.lora_dropout)
+                      dropout=args.lora_dropout, merged_rollout=args.lora_rollout == "merged")
 
 
 # ---------------------------------------------------------------------------------------------- the adapter
@@ -156,6 +164,14 @@ def split_adapter(params: dict) -> tuple[dict, dict | None]:
     if adapter is not None:
         adapter = {name: ab for name, ab in adapter.items() if name != "dropout_key"}
     return dict(params, layers=layers), adapter
+
+
+def make_rollout_params(config: LoraConfig, shardings: Any = None):
+    """`fn(base, adapter)`: the params the sampler runs, by `config.merged_rollout` either the merged weights
+    (compiled, placed on the base's `shardings`) or the adapter on the base (nothing computed)."""
+    if not config.merged_rollout:
+        return with_adapter
+    return jax.jit(functools.partial(merge, config=config), out_shardings=shardings)
 
 
 def merge(base: dict, adapter: dict, config: LoraConfig) -> dict:

@@ -25,7 +25,7 @@ from grpo_jax import rewards as reward_lib
 from grpo_jax.checkpoint import Checkpointer, abstract_with_shardings, sigterm_caught
 from grpo_jax.data import batch_columns, load_task, render_prompt
 from grpo_jax.evaluate import STOP_STRINGS, EvalConfig, evaluate, tokenizer_eos_ids
-from grpo_jax.lora import LoraConfig, init_adapter, merge, with_adapter
+from grpo_jax.lora import LoraConfig, init_adapter, make_rollout_params, with_adapter
 from grpo_jax.grpo import (
     GRPOConfig,
     TrainBatch,
@@ -61,7 +61,8 @@ from grpo_jax.sharding import (
 from grpo_jax.text import bucket_length, decode_completions, encode_prompts
 
 # Changing these between a run and its resumption is allowed; any other config change is refused.
-_RESUMABLE_FIELDS = ("steps", "eval_every", "save_every", "overwrite", "eval_before", "remat", "grpo.num_microbatches")
+_RESUMABLE_FIELDS = ("steps", "eval_every", "save_every", "overwrite", "eval_before", "remat", "grpo.num_microbatches",
+                     "lora.merged_rollout")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,8 +177,7 @@ class Trainer:
             self.ref_params = jax.tree.map(jnp.copy, params) if cfg.grpo.beta > 0 else None
         self.state_shardings = state.shardings(self.model, self.mesh)
         self.state = jax.device_put(state, self.state_shardings)
-        self._merge = jax.jit(lambda base, adapter: merge(base, adapter, cfg.lora),
-                              out_shardings=self.param_shardings)
+        self._rollout_params = make_rollout_params(cfg.lora, self.param_shardings)
 
         self.sampling = SamplingConfig(
             num_samples=cfg.group_size, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
@@ -197,9 +197,11 @@ class Trainer:
         self._preempted = False
 
     def policy_params(self):
-        """The policy's weights for sampling and export: with LoRA the adapter merged into the base (sampling
-        the merged weights was faster than applying the adapter at every decode step, docs/benchmarks.md)."""
-        return self._merge(self.ref_params, self.state.params) if self.config.lora.enabled else self.state.params
+        """The policy's weights for sampling: with LoRA the adapter merged into the base, or the adapter on
+        the base (`LoraConfig.merged_rollout`)."""
+        if not self.config.lora.enabled:
+            return self.state.params
+        return self._rollout_params(self.ref_params, self.state.params)
 
     # ------------------------------------------------------------------ checkpoints
 

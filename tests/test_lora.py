@@ -1,6 +1,7 @@
 """LoRA: the adapted model against merged weights, its gradient against NumPy float64, the update trains
 only the adapter, and the PEFT export against `peft` itself."""
 
+import dataclasses
 import json
 
 import jax
@@ -15,6 +16,7 @@ from grpo_jax.lora import (
     LoraConfig,
     adapter_dropout,
     init_adapter,
+    make_rollout_params,
     merge,
     parse_targets,
     peft_tensors,
@@ -24,6 +26,7 @@ from grpo_jax.lora import (
 from conftest import TINY_CONFIGS
 from grpo_jax.models import ModelConfig, Transformer
 from grpo_jax.optim import OptimizerConfig, make_optimizer
+from grpo_jax.rollout import SamplingConfig, make_generate_fn
 
 LORA = LoraConfig(rank=4, alpha=8.0)
 
@@ -274,3 +277,19 @@ def test_dropout_acts_in_training_only_and_draws_the_same_masks_on_a_rerun():
     assert float(first_metrics["loss"]) == float(second_metrics["loss"])
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), first.params, second.params)
     assert float(first_metrics["loss"]) != pytest.approx(float(no_dropout["loss"]), rel=1e-4)
+
+
+def test_rollout_of_merged_and_unmerged_weights_gives_the_same_samples():
+    model = Transformer(TINY_CONFIGS["llama"], lora=LORA)
+    base = model.init(jax.random.key(0), std=0.3)
+    adapter = random_adapter(model)
+    rng = np.random.default_rng(0)
+    prompts = jnp.asarray(rng.integers(1, 64, (2, 6)), jnp.int32)
+    mask = jnp.ones((2, 6), jnp.int32).at[0, :2].set(0)
+    generate = make_generate_fn(model, SamplingConfig(num_samples=3, max_new_tokens=10, temperature=1.0))
+    outs = [generate(make_rollout_params(dataclasses.replace(LORA, merged_rollout=merged))(base, adapter), prompts,
+                     mask, jax.random.key(5)) for merged in (True, False)]
+    np.testing.assert_array_equal(np.asarray(outs[0].tokens), np.asarray(outs[1].tokens))
+    np.testing.assert_allclose(np.asarray(outs[0].logps), np.asarray(outs[1].logps), atol=1e-4)
+    assert not np.array_equal(np.asarray(outs[0].tokens),  # the adapter changes what is sampled
+                              np.asarray(generate(base, prompts, mask, jax.random.key(5)).tokens))
