@@ -95,20 +95,31 @@ def parse_targets(text: str) -> tuple[str, ...]:
 
 
 def add_lora_flags(parser) -> None:
-    """The scripts' --lora_rank, --lora_alpha, --lora_targets, --lora_dropout."""
-    parser.add_argument("--lora_rank", type=int, default=0, help="LoRA rank r; 0 = full fine-tune")
-    parser.add_argument("--lora_alpha", type=float, default=16.0, help="LoRA alpha: the update is scaled by alpha/r")
-    parser.add_argument("--lora_targets", default="all",
-                        help=f"comma-separated projections that get an adapter, or 'all' ({','.join(ALL_TARGETS)})")
-    parser.add_argument("--lora_dropout", type=float, default=0.0, help="dropout on the adapters' input in training")
-    parser.add_argument("--lora_rollout", choices=("merged", "unmerged"), default="merged",
-                        help="sample with the adapter merged into the weights (faster; one more copy of the weights "
-                             "while sampling) or applied at every decode step (no copy)")
+    """The scripts' --lora_rank, --lora_alpha, --lora_targets, --lora_dropout, --lora_rollout (unset flags
+    take a preset's value or LoraConfig's default, see `lora_config_from_args`)."""
+    parser.add_argument("--lora_rank", type=int, help="LoRA rank r; 0 = full fine-tune (the default)")
+    parser.add_argument("--lora_alpha", type=float, help="LoRA alpha: the update is scaled by alpha/r (default 16)")
+    parser.add_argument("--lora_targets",
+                        help=f"comma-separated projections that get an adapter, or 'all' (the default: "
+                             f"{','.join(ALL_TARGETS)})")
+    parser.add_argument("--lora_dropout", type=float, help="dropout on the adapters' input in training (default 0)")
+    parser.add_argument("--lora_rollout", choices=("merged", "unmerged"),
+                        help="sample with the adapter merged into the weights (the default: faster; one more copy of "
+                             "the weights while sampling) or applied at every decode step (no copy)")
 
 
-def lora_config_from_args(args) -> LoraConfig:
-    return LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha, targets=parse_targets(args.lora_targets),
-                      dropout=args.lora_dropout, merged_rollout=args.lora_rollout == "merged")
+def lora_config_from_args(args, preset: dict | None = None) -> LoraConfig:
+    """The LoraConfig of `add_lora_flags`' flags; a flag left unset takes `preset`'s value (keys lora_rank, ...),
+    else the default."""
+    def pick(name, default):
+        value = getattr(args, name)
+        return value if value is not None else (preset or {}).get(name, default)
+
+    defaults = LoraConfig()
+    return LoraConfig(rank=pick("lora_rank", defaults.rank), alpha=pick("lora_alpha", defaults.alpha),
+                      targets=parse_targets(pick("lora_targets", "all")),
+                      dropout=pick("lora_dropout", defaults.dropout),
+                      merged_rollout=pick("lora_rollout", "merged") == "merged")
 
 
 # ---------------------------------------------------------------------------------------------- the adapter

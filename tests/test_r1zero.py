@@ -245,3 +245,17 @@ def test_tpu_presets_accumulate_gradients_over_micro_batches(tmp_path):
     assert r1zero.config_for("smoke", 0).grpo.num_microbatches == 1
     with pytest.raises(ValueError, match="num_microbatches must be >= 1"):
         r1zero.config_for("smoke", 0, "--num_microbatches", "0")
+
+
+def test_lora_tpu_preset_trains_an_adapter_on_a_bfloat16_base_and_flags_override_it(tmp_path):
+    r1zero = experiment_scripts.load("r1zero")
+    flags = ("--model", "/models/Qwen2.5-7B", "--data", str(tmp_path))
+    config = r1zero.config_for("tpu-qwen2.5-7b-lora", 0, *flags)
+    assert (config.lora.rank, config.lora.merged_rollout, config.dtype, config.remat) == (16, False, "bfloat16", True)
+    assert config.prompts_per_step * config.group_size // config.grpo.num_microbatches == 4  # a row per v5e chip
+    assert r1zero.config_for("tpu-qwen2.5-7b-lora", 0, *flags, "--lora_rank", "8").lora.rank == 8
+    assert r1zero.config_for("default", 0).lora.rank == 0  # full fine-tune unless asked
+    with pytest.raises(ValueError, match="ref_refresh_every needs a full fine-tune"):
+        r1zero.config_for("default", 0, "--lora_rank", "8", "--ref_refresh_every", "10")
+    with pytest.raises(ValueError, match="lora targets"):
+        r1zero.config_for("default", 0, "--lora_rank", "8", "--lora_targets", "qkv")
