@@ -360,7 +360,9 @@ class UpdateFn:
 
     def _dropout_keys(self, step: jax.Array):
         """One key per micro-batch [mu, M, K] for the adapter's dropout (None without dropout): a function of
-        the update's step, so that a resumed run draws the same masks."""
+        the update's step, so that a resumed run draws the same masks. (Where data replicas sum their own
+        micro-batch gradients, `_per_replica`, each replica draws masks for its rows alone: other masks
+        than one device's, equally distributed.)"""
         cfg = self.config
         if not self._lora or self.model.lora.dropout == 0:
             return None
