@@ -27,9 +27,10 @@ setup(
         "matplotlib>=3.8",
     ],
     extras_require={
-        # torch only serves the logits-parity tests against transformers' PyTorch models; trl (with math-verify,
-        # which its accuracy rewards need) the tests that run TRL's own reward functions.
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "pyarrow>=15", "torch==2.13.0", "trl==1.16.0", "math-verify==0.9.0"],
+        # torch and peft only serve the parity tests against transformers' and PEFT's PyTorch models; trl (with
+        # math-verify, which its accuracy rewards need) the tests that run TRL's own reward functions.
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "pyarrow>=15", "torch==2.13.0", "peft>=0.21", "trl==1.16.0",
+                 "math-verify==0.9.0"],
         "tpu": ["jax[tpu]"],
         "gpu": ["jax[cuda12]"],
         "data": ["tensorflow-datasets>=4.9", "grain>=0.2", "pyarrow>=15"],

@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from grpo_jax.grpo import GRPOConfig, TrainBatch, TrainState, group_advantages, make_update_fn
+from grpo_jax.lora import add_lora_flags, count_params, init_adapter, lora_config_from_args, make_rollout_params
 from grpo_jax.metrics import pyplot
 from grpo_jax.models import ModelConfig, Transformer, load_pretrained
 from grpo_jax.optim import OptimizerConfig, make_optimizer
@@ -69,6 +70,8 @@ PEER_MODEL = "vocab=512,hidden=256,ffn=688,layers=4,heads=4,kv_heads=2"
 NAMED_RANDOM_MODELS = {
     "peer": PEER_MODEL,
     "qwen2.5-0.5b": "vocab=151936,hidden=896,ffn=4864,layers=24,heads=14,kv_heads=2",
+    "qwen2.5-1.5b": "vocab=151936,hidden=1536,ffn=8960,layers=28,heads=12,kv_heads=2",
+    "qwen2.5-3b": "vocab=151936,hidden=2048,ffn=11008,layers=36,heads=16,kv_heads=2",
 }
 _RANDOM_MODEL_KEYS = ("vocab", "hidden", "ffn", "layers", "heads", "kv_heads")
 RANDOM_EOS_ID = 1  # the peer tokenizer's <|endoftext|>
@@ -260,7 +263,8 @@ def load_model(args) -> tuple[Transformer, dict]:
     else:
         model = Transformer(parse_random_model(args.random_model), dtype)
         params = model.init(jax.random.key(args.seed), std=0.02)
-    return dataclasses.replace(model, remat=args.remat), params
+    lora = lora_config_from_args(args)
+    return dataclasses.replace(model, remat=args.remat, lora=lora if lora.enabled else None), params
 
 
 def random_prompts(rng: np.random.Generator, w: Workload, vocab: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -304,10 +308,17 @@ class GRPOStep:
         shardings = param_shardings(model, self.mesh)
         params = shard_params(params, shardings)
         replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-        state = TrainState.create(params, optimizer)
+        if model.lora is not None:  # as the trainer: the adapter trains, the base is frozen and the reference
+            state = TrainState.create(init_adapter(jax.random.key(args.seed), model), optimizer)
+            self.ref_params = params
+            self.policy = make_rollout_params(model.lora, shardings)
+        else:
+            state = TrainState.create(params, optimizer)
+            self.ref_params = jax.tree.map(jnp.copy, params) if w.beta > 0 else None
+            self.policy = lambda base, trainable: trainable
         state_shardings = state.shardings(model, self.mesh)
         self.state = jax.device_put(state, state_shardings)
-        self.ref_params = jax.tree.map(jnp.copy, params) if w.beta > 0 else None
+        self.trainable_params = count_params(self.state.params)
         self.update = make_update_fn(model, grpo, optimizer, jit_kwargs=dict(out_shardings=(state_shardings, replicated)),
                                      mesh=self.mesh)
         self.rng = np.random.default_rng(args.seed)
@@ -331,8 +342,8 @@ class GRPOStep:
         w, vocab = self.w, self.model.config.vocab_size
         prompts, prompt_mask = random_prompts(self.rng, w, vocab, self.pad_id)
         start, start_cpu = time.perf_counter(), time.process_time()
-        out = self.generate(self.state.params, self._to_device(prompts), self._to_device(prompt_mask),
-                            jax.random.fold_in(self.key, step))
+        out = self.generate(self.policy(self.ref_params, self.state.params), self._to_device(prompts),
+                            self._to_device(prompt_mask), jax.random.fold_in(self.key, step))
         tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
         rolled = time.perf_counter()
         advantages = np.asarray(group_advantages(reward_low_ids(tokens, mask, vocab), w.group_size))
@@ -355,7 +366,7 @@ class GRPOStep:
         batch = self._train_batch(prompts, prompt_mask, completions, completions, np.zeros(w.rows))
         prompts, prompt_mask = self._to_device(prompts), self._to_device(prompt_mask)
         programs = {
-            "rollout": self.generate.lower(self.state.params, prompts, prompt_mask, key),
+            "rollout": self.generate.lower(self.policy(self.ref_params, self.state.params), prompts, prompt_mask, key),
             "update": self.update.jitted.lower(self.state, self.ref_params, batch),
         }
         report = {"params": sum(x.nbytes for x in jax.tree.leaves(self.state.params)) / 2**20}
@@ -439,7 +450,7 @@ def _covered_us(spans: list[tuple[float, float]]) -> float:
 
 
 def summarize(records: list[dict], traces: list[dict], memory: dict, c: ModelConfig, w: Workload, peak: float,
-              bandwidth: float, args) -> dict:
+              bandwidth: float, args, trainable_params: int) -> dict:
     """The figures: medians over steps 2.., compile overhead of step 1, FLOP rates and MFU, and the
     rollout against both of its ceilings (matmul peak, memory bandwidth)."""
     later = records[1:] or records
@@ -485,8 +496,10 @@ def summarize(records: list[dict], traces: list[dict], memory: dict, c: ModelCon
         "rollout_times_s": [round(r["rollout_s"], 4) for r in records],
         "update_times_s": [round(r["update_s"], 4) for r in records],
         "final_loss": records[-1]["loss"],
+        "trainable_params": trainable_params,
         "workload": dict(dataclasses.asdict(w), min_new_tokens=args.min_new_tokens, dtype=args.dtype, mesh=args.mesh,
-                         remat=args.remat, generated_tokens_per_step=tokens),
+                         remat=args.remat, generated_tokens_per_step=tokens,
+                         lora=dataclasses.asdict(lora_config_from_args(args))),
         "model": {"path": args.model or f"random qwen2 ({args.random_model})", "params": c.num_params},
         "machine": machine_info(),
     }
@@ -514,7 +527,8 @@ def run(args) -> dict:
     memory["kv_cache"] = kv_cache_mb(c, w, jnp.dtype(model.dtype).itemsize)
     bandwidth = measure_bandwidth_gbs(args.bandwidth_mb)
     peak_readings = [peak, measure_peak_gflops(args.peak_size, model.dtype)]
-    result = dict(summarize(records, traces, memory, c, w, max(peak_readings), bandwidth, args), **peaks,
+    result = dict(summarize(records, traces, memory, c, w, max(peak_readings), bandwidth, args, step.trainable_params),
+                  **peaks,
                   peak_gflops_readings=peak_readings)
     if args.profile:
         result["profile"] = profile_step(step, args.steps, args.profile)
@@ -532,7 +546,7 @@ SWEEPS = {  # flag -> values; every other flag keeps the sweep command's value
 SWEEP_INHERITED_FLAGS = (
     "random_model", "num_prompts", "group_size", "prompt_len", "max_new_tokens", "min_new_tokens", "beta",
     "num_iterations", "num_minibatches", "num_microbatches", "steps", "dtype", "mesh", "cpu_devices", "seed",
-    "peak_size", "bandwidth_mb",
+    "peak_size", "bandwidth_mb", "lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "lora_rollout",
 )
 
 
@@ -649,6 +663,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_cpu_devices_flag(p)
     p.add_argument("--remat", action=argparse.BooleanOptionalAction, default=False,
                    help="recompute attention and elementwise work in the backward (Transformer.remat)")
+    add_lora_flags(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--peak_size", type=int, default=None,
                    help="side of the square matmul that measures peak_gflops (default 2048 on CPU, 8192 on accelerators)")

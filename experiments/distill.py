@@ -42,6 +42,7 @@ ROLES = ("teacher", "student_before", "student_after", "student_rl")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from grpo_jax.lora import add_lora_flags
     from grpo_jax.sharding import add_cpu_devices_flag
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -57,6 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_per_prompt", type=int, help="distinct passing traces kept per problem")
     p.add_argument("--sft_epochs", type=float, help="passes over the traces")
     p.add_argument("--overwrite", action="store_true", help="replace a distillation run with another config")
+    add_lora_flags(p)  # the student's SFT and GRPO train a LoRA adapter instead of every weight
     add_cpu_devices_flag(p)
     return p.parse_args(argv)
 
@@ -76,15 +78,18 @@ class Plan:
     sft_epochs: float
     sft_batch_size: int
     sft_learning_rate: float
+    lora: LoraConfig
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
+    from grpo_jax.lora import lora_config_from_args
+
     preset = PRESETS[args.preset]
     pick = lambda name: getattr(args, name) if getattr(args, name) is not None else preset[name]  # noqa: E731
     return Plan(preset=args.preset, seed=args.seed, teacher=args.teacher, student=args.student,
                 num_prompts=pick("num_prompts"), samples=pick("samples"), max_per_prompt=pick("max_per_prompt"),
                 trace_max_new_tokens=preset["trace_max_new_tokens"], sft_epochs=pick("sft_epochs"), sft_batch_size=preset["sft_batch_size"],
-                sft_learning_rate=preset["sft_learning_rate"])
+                sft_learning_rate=preset["sft_learning_rate"], lora=lora_config_from_args(args))
 
 
 # ---------------------------------------------------------------------------------------------- the R1-Zero recipe
@@ -143,7 +148,8 @@ def distill_student(plan: Plan, student: str, traces: str, out_dir: str) -> dict
     from grpo_jax.sft_trainer import SFTRunConfig, run_sft
 
     return run_sft(SFTRunConfig(model=student, data=traces, output_dir=out_dir, batch_size=plan.sft_batch_size,
-                                epochs=plan.sft_epochs, learning_rate=plan.sft_learning_rate, seed=plan.seed))
+                                epochs=plan.sft_epochs, learning_rate=plan.sft_learning_rate, seed=plan.seed,
+                                lora=plan.lora))
 
 
 def grpo_step_flops(config, num_params: int, prompt_width: int) -> float:
@@ -175,7 +181,10 @@ def rl_steps_for_budget(plan: Plan, student: str, sft_summary: dict) -> dict:
 def train_student_rl(plan: Plan, student: str, steps: int, out_dir: str) -> dict:
     from grpo_jax.trainer import train
 
-    return train(r1zero_config(plan, "--model", student, "--steps", str(steps), "--output_dir", out_dir))
+    lora = plan.lora
+    lora_flags = ("--lora_rank", str(lora.rank), "--lora_alpha", str(lora.alpha), "--lora_targets",
+                  ",".join(lora.targets), "--lora_dropout", str(lora.dropout))
+    return train(r1zero_config(plan, "--model", student, "--steps", str(steps), "--output_dir", out_dir, *lora_flags))
 
 
 # ---------------------------------------------------------------------------------------------- the run

@@ -56,12 +56,25 @@ PRESETS = {
         num_eval=500, eval_samples=4, eval_max_new_tokens=1024, save_every=25, dtype="bfloat16", remat=True,
         mesh="data=1,fsdp=-1,tensor=4", num_microbatches=16,
     ),
+    # Qwen2.5-7B on the smallest slice that holds its weights with room to train: a v5e-4 (4 x 16 GiB). The
+    # bfloat16 base (15.2 GB) is split over the 4 chips by fsdp and is also the reference (no copy); only a
+    # rank-16 adapter trains (40M parameters: 0.65 GB with its float32 Adam moments). The rollout applies the
+    # adapter per decode step instead of holding merged weights beside the base. The update takes one row per
+    # chip at a time: with remat a 1,280-token row keeps ~3.6 GB of projections for the backward (28 layers x
+    # 1,280 tokens x 49,664 saved values x 2 bytes). Arithmetic and the CPU-sized check: docs/benchmarks.md.
+    "tpu-qwen2.5-7b-lora": dict(
+        base=None, task="gsm8k", template="r1zero", steps=500, prompts_per_step=4, group_size=16,
+        max_new_tokens=1024, max_prompt_len=256, temperature=1.0, learning_rate=1e-5, beta=0.04, warmup_steps=20,
+        num_eval=500, eval_samples=4, eval_max_new_tokens=1024, save_every=25, dtype="bfloat16", remat=True,
+        mesh="data=1,fsdp=-1", num_microbatches=16, lora_rank=16, lora_alpha=32.0, lora_rollout="unmerged",
+    ),
 }
 
 CACHE_DIR = os.environ.get("GRPO_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "grpo_jax"))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from grpo_jax.lora import add_lora_flags
     from grpo_jax.sharding import add_cpu_devices_flag
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -106,6 +119,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--remat", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute attention in the backward: far less activation memory on long completions "
                         "(the TPU presets turn it on)")
+    add_lora_flags(p)
     p.add_argument("--mesh", help="device mesh, e.g. data=2,fsdp=2,tensor=2 (-1 fills the rest)")
     add_cpu_devices_flag(p)
     p.add_argument("--coordinator", help="HOST:PORT of process 0, for multi-process runs off TPU")
@@ -163,6 +177,7 @@ def check_data_flags(task: str, data: str | None) -> None:
 def build_config(args: argparse.Namespace):
     from grpo_jax.evaluate import EvalConfig
     from grpo_jax.grpo import GRPOConfig
+    from grpo_jax.lora import lora_config_from_args
     from grpo_jax.optim import OptimizerConfig
     from grpo_jax.trainer import TrainConfig
 
@@ -198,6 +213,7 @@ def build_config(args: argparse.Namespace):
         temperature=temperature,
         dtype=pick("dtype") or "float32",
         remat=bool(pick("remat")),
+        lora=lora_config_from_args(args, preset),
         mesh=pick("mesh") or "data=-1",
         grpo=GRPOConfig(
             loss_type=args.loss_type, beta=pick("beta"), epsilon_low=args.epsilon_low, epsilon_high=args.epsilon_high,

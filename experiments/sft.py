@@ -15,6 +15,7 @@ import json
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from grpo_jax.lora import add_lora_flags
     from grpo_jax.sft_trainer import SFTRunConfig
     from grpo_jax.sharding import add_cpu_devices_flag
 
@@ -36,6 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default=defaults.dtype, help="float32 | bfloat16")
     p.add_argument("--remat", action="store_true", help="recompute attention in the backward: far less activation "
                    "memory on long sequences")
+    add_lora_flags(p)
     p.add_argument("--mesh", default=defaults.mesh, help="device mesh, e.g. data=2,fsdp=2,tensor=2")
     add_cpu_devices_flag(p)
     p.add_argument("--seed", type=int, default=defaults.seed)
@@ -47,15 +49,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
+    from grpo_jax.lora import lora_config_from_args
     from grpo_jax.runs import one_line_errors
     from grpo_jax.sft_trainer import SFTRunConfig, run_sft
     from grpo_jax.sharding import use_cpu_devices
 
     args = parse_args(argv)
-    fields = {k: v for k, v in vars(args).items() if k not in ("init_from", "cpu_devices")}
+    fields = {k: v for k, v in vars(args).items() if k not in ("init_from", "cpu_devices") and not k.startswith("lora_")}
     with one_line_errors():
         use_cpu_devices(args.cpu_devices)
-        summary = run_sft(SFTRunConfig(model=args.init_from, **fields))
+        summary = run_sft(SFTRunConfig(model=args.init_from, lora=lora_config_from_args(args), **fields))
     print(json.dumps(summary, indent=2))
     return summary
 

@@ -10,6 +10,7 @@ The loss formulas and the advantages live in `losses.py` and are re-exported her
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax
@@ -34,9 +35,10 @@ from grpo_jax.losses import (
     total_reward,
 )
 from grpo_jax.logprobs import DEFAULT_LOGITS_CHUNK_MB, chunk_tokens_for, chunked_token_logps
+from grpo_jax.lora import with_adapter
 from grpo_jax.models.transformer import Transformer, positions_from_mask
 from grpo_jax.optim import guarded_update
-from grpo_jax.sharding import opt_state_shardings, param_shardings, replicated
+from grpo_jax.sharding import opt_state_shardings, replicated, trainable_shardings
 
 __all__ = [
     "GRPOConfig",
@@ -72,7 +74,8 @@ class TrainBatch:
 
 @flax.struct.dataclass
 class TrainState:
-    """Policy parameters, optimizer state, and the number of `update` calls so far."""
+    """Trainable parameters (the policy's, or with a LoRA model its adapter), optimizer state, and the
+    number of `update` calls so far."""
 
     params: Any
     opt_state: Any
@@ -87,7 +90,7 @@ class TrainState:
     def shardings(self, model: Transformer, mesh: Mesh) -> "TrainState":
         """Where this state lives on `mesh`: the params by the model's rules, each optimizer-state leaf
         like its parameter, the step replicated (for `jax.device_put` and the update's out_shardings)."""
-        params = param_shardings(model, mesh)
+        params = trainable_shardings(model, mesh)
         return TrainState(params=params, opt_state=opt_state_shardings(self.opt_state, params, mesh),
                           step=replicated(mesh))
 
@@ -263,6 +266,10 @@ class UpdateFn:
     is accumulated over micro-batches. Metrics are means over the steps, except skipped (sum),
     ratio_min / ratio_max, and learning_rate (the last step's).
 
+    With a LoRA model (`model.lora`), `state.params` is the adapter and `ref_params` the frozen base: the
+    policy is `with_adapter(ref_params, state.params)` and the reference the base alone, so the one copy
+    of the weights serves both, and only the adapter gets gradients and optimizer state.
+
     The state argument is donated. `trace_count` counts traces (a new trace means a new compilation).
     `jit_kwargs` (e.g. in_shardings / out_shardings for a mesh) go to `jax.jit`. With the `mesh` the
     arrays live on, each replica of its `data` axis sums its own micro-batch gradients, and the replicas'
@@ -290,6 +297,8 @@ class UpdateFn:
 
     def _check_inputs(self, state: TrainState, ref_params, batch: TrainBatch) -> None:
         cfg = self.config
+        if self._lora and ref_params is None:
+            raise ValueError("a LoRA update needs ref_params: the frozen base params the adapter applies to")
         donated = {id(x) for x in jax.tree.leaves(state.params)}
         if any(id(x) in donated for x in jax.tree.leaves(ref_params)):
             raise ValueError(
@@ -319,6 +328,26 @@ class UpdateFn:
 
     # -------------------------------------------------------------- the traced program
 
+    @property
+    def _lora(self) -> bool:
+        return self.model.lora is not None and self.model.lora.enabled
+
+    def _policy(self, trainable, frozen, dropout_key=None):
+        """The policy's params: the adapter on the frozen base with LoRA (and its dropout with a key), else
+        the trainable params."""
+        return with_adapter(frozen, trainable, dropout_key) if self._lora else trainable
+
+    def _dropout_keys(self, step: jax.Array):
+        """One key per micro-batch [mu, M, K] for the adapter's dropout (None without dropout): a function of
+        the update's step, so that a resumed run draws the same masks. (Where data replicas sum their own
+        micro-batch gradients, `_per_replica`, each replica draws masks for its rows alone: other masks
+        than one device's, equally distributed.)"""
+        cfg = self.config
+        if not self._lora or self.model.lora.dropout == 0:
+            return None
+        return jax.random.split(jax.random.fold_in(jax.random.key(0), step),
+                                (cfg.num_iterations, cfg.num_minibatches, cfg.num_microbatches))
+
     def _logps(self, params, batch: TrainBatch):
         return token_logps(
             self.model, params, batch.prompt_tokens, batch.prompt_mask, batch.completion_tokens, batch.completion_mask,
@@ -332,9 +361,9 @@ class UpdateFn:
         logps = jax.lax.map(lambda part: jax.lax.stop_gradient(self._logps(params, part)[0]), flat)
         return logps.reshape(parts.completion_mask.shape)
 
-    def _loss(self, params, part: TrainBatch, old_logps, ref_logps, totals: BatchTotals):
+    def _loss(self, params, frozen, dropout_key, part: TrainBatch, old_logps, ref_logps, totals: BatchTotals):
         cfg = self.config
-        logps, entropies = self._logps(params, part)
+        logps, entropies = self._logps(self._policy(params, frozen, dropout_key), part)
         return grpo_loss(
             logps, old_logps, ref_logps, part.advantages, part.completion_mask,
             loss_type=cfg.loss_type, epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, beta=cfg.beta,
@@ -342,15 +371,16 @@ class UpdateFn:
             importance_sampling_level=cfg.importance_sampling_level, batch_totals=totals, entropies=entropies,
         )
 
-    def _minibatch_gradient(self, params, microbatches: TrainBatch, old_logps, ref_logps):
+    def _minibatch_gradient(self, params, frozen, microbatches: TrainBatch, old_logps, ref_logps, dropout_keys):
         """((loss, metrics), gradient) of one minibatch [K, rows, ...]: a sum over its K micro-batches,
         each normalized by the minibatch's totals, so that the sum is the minibatch's loss."""
         mask = microbatches.completion_mask
         totals = BatchTotals.of(mask.reshape(-1, mask.shape[-1]))
-        grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+        grad_fn = jax.value_and_grad(lambda p, key, *inputs: self._loss(p, frozen, key, *inputs), has_aux=True)
         inputs = (microbatches, old_logps, ref_logps)
         if self.config.num_microbatches == 1:
-            return grad_fn(params, *jax.tree.map(lambda x: x[0], inputs), totals)
+            first = jax.tree.map(lambda x: x[0], (dropout_keys, inputs))
+            return grad_fn(params, first[0], *first[1], totals)
         replicas = self._replicas(rows=mask.shape[1])
         if replicas == 1:
             zeros = jax.tree.map(jnp.zeros_like, params)
@@ -358,10 +388,11 @@ class UpdateFn:
             grad_fn, inputs, zeros = self._per_replica(grad_fn, inputs, params, replicas)
 
         def accumulate(grads, micro_inputs):
-            (loss, metrics), micro_grads = grad_fn(params, *micro_inputs, totals)
+            key, micro_inputs = micro_inputs
+            (loss, metrics), micro_grads = grad_fn(params, key, *micro_inputs, totals)
             return jax.tree.map(jnp.add, grads, micro_grads), (loss, metrics)
 
-        grads, (losses, metrics) = jax.lax.scan(accumulate, zeros, inputs)
+        grads, (losses, metrics) = jax.lax.scan(accumulate, zeros, (dropout_keys, inputs))
         if replicas > 1:
             grads = jax.tree.map(lambda g: g.sum(axis=0), grads)  # the one all-reduce
         metrics = {name: PART_METRIC_REDUCTIONS.get(name, jnp.sum)(values) for name, values in metrics.items()}
@@ -392,14 +423,14 @@ class UpdateFn:
                 jnp.zeros((replicas, *param.shape), param.dtype), NamedSharding(mesh, P("data", *sharding.spec))
             )
 
-        per_replica_fn = jax.vmap(grad_fn, in_axes=(None, 0, 0, 0, None))
+        per_replica_fn = jax.vmap(grad_fn, in_axes=(None, None, 0, 0, 0, None))
         return per_replica_fn, jax.tree.map(by_replica, inputs), jax.tree.map(
-            zeros, params, param_shardings(self.model, mesh))
+            zeros, params, trainable_shardings(self.model, mesh))
 
-    def _optimizer_step(self, carry, minibatch_inputs):
+    def _optimizer_step(self, carry, minibatch_inputs, frozen):
         """Loss, gradient and (if everything is finite) one optimizer update on one minibatch."""
         params, opt_state = carry
-        (loss, metrics), grads = self._minibatch_gradient(params, *minibatch_inputs)
+        (loss, metrics), grads = self._minibatch_gradient(params, frozen, *minibatch_inputs)
         params, opt_state, step_metrics = guarded_update(self.optimizer, params, opt_state, grads, loss)
         metrics = dict(metrics, loss=loss, **step_metrics)
         return (params, opt_state), metrics
@@ -411,16 +442,17 @@ class UpdateFn:
         if cfg.old_logps_from_sampler:
             old_logps = minibatches.sampling_logps
         elif cfg.num_iterations > 1:
-            old_logps = self._frozen_logps(state.params, minibatches)
+            old_logps = self._frozen_logps(self._policy(state.params, ref_params), minibatches)
         else:
             old_logps = None  # on-policy: grpo_loss uses stop_gradient(logps)
         ref_logps = self._frozen_logps(ref_params, minibatches) if cfg.beta != 0.0 else None
 
-        def one_pass(carry, _):
-            return jax.lax.scan(self._optimizer_step, carry, (minibatches, old_logps, ref_logps))
+        def one_pass(carry, dropout_keys):
+            step = functools.partial(self._optimizer_step, frozen=ref_params)
+            return jax.lax.scan(step, carry, (minibatches, old_logps, ref_logps, dropout_keys))
 
         (params, opt_state), metrics = jax.lax.scan(
-            one_pass, (state.params, state.opt_state), None, length=cfg.num_iterations
+            one_pass, (state.params, state.opt_state), self._dropout_keys(state.step), length=cfg.num_iterations
         )
         metrics = {
             name: _METRIC_REDUCTIONS.get(name, jnp.nanmean)(values.reshape(-1)) for name, values in metrics.items()

@@ -2,7 +2,8 @@
 
 A stage writes into its OUTPUT_DIR: `config.json` (what it was asked to do), `metrics.jsonl` and
 `tensorboard/`, `checkpoints/` (Orbax, for resuming), `summary.json`, and `final/`: the trained policy as
-a Hugging Face checkpoint with its tokenizer. The next stage starts from that export (`--init_from`):
+a Hugging Face checkpoint with its tokenizer (with LoRA: merged, and `adapter/` holds the adapter in PEFT's
+format). The next stage starts from that export (`--init_from`):
 
     resolve_init("runs/cold_start")      # -> "runs/cold_start/final"
     resolve_init("path/to/hf_model")     # -> unchanged
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 from jax.experimental import multihost_utils
 
 from grpo_jax.checkpoint import CheckpointError, all_finite
+from grpo_jax.lora import ADAPTER_DIR, merge, save_peft_adapter, split_adapter
 from grpo_jax.models.hf import read_json
 from grpo_jax.sharding import is_main_process, to_host
 
@@ -179,16 +181,26 @@ def flat_fields(config: dict, prefix: str = "") -> dict:
     return flat
 
 
-def export_policy(model, params, tokenizer, out_dir: str) -> None:
+def export_policy(model, params, tokenizer, out_dir: str, base_model: str | None = None) -> None:
     """Write (possibly sharded, multi-host) params as a Hugging Face checkpoint with the tokenizer.
 
+    Params that carry a LoRA adapter (`lora.with_adapter`) are written merged, and the adapter alone goes
+    to `adapter/` beside `out_dir` in PEFT's format (on top of `base_model`).
     Collective: every process must call it (the params are gathered); process 0 writes. Non-finite weights
     are never exported (a FloatingPointError).
     """
     from grpo_jax.models import save_pretrained
 
+    params, adapter = split_adapter(params)
+    if adapter is not None:
+        params = merge(params, adapter, model.lora)
     if not all_finite(params):
         raise FloatingPointError(f"the policy's weights are not finite: {out_dir} not exported")
+    if adapter is not None:
+        host_adapter = jax.tree.map(to_host, adapter)
+        if is_main_process():
+            save_peft_adapter(host_adapter, model.lora, os.path.join(os.path.dirname(os.path.abspath(out_dir)),
+                                                                     ADAPTER_DIR), base_model=base_model)
     host_params = jax.tree.map(to_host, params)
     if is_main_process():
         save_pretrained(model, host_params, out_dir, tokenizer=tokenizer)

@@ -32,6 +32,7 @@ from jax.sharding import Mesh
 
 from grpo_jax.checkpoint import Checkpointer, abstract_with_shardings, resume_advice
 from grpo_jax.logprobs import chunked_token_logps
+from grpo_jax.lora import init_adapter, with_adapter
 from grpo_jax.models.transformer import Transformer
 from grpo_jax.optim import OptimizerConfig, guarded_update, make_optimizer
 from grpo_jax.sharding import (
@@ -41,6 +42,8 @@ from grpo_jax.sharding import (
     param_shardings,
     put_global,
     replicated,
+    shard_params,
+    trainable_shardings,
 )
 
 
@@ -219,13 +222,18 @@ class SFTConfig:
 
 
 def make_train_step(model: Transformer, optimizer: optax.GradientTransformation, **jit_kwargs) -> Callable:
-    """The jitted step `(params, opt_state, batch) -> (params, opt_state, metrics)` (params, state donated).
+    """The jitted step `(params, opt_state, batch, base=None, dropout_key=None) -> (params, opt_state, metrics)`
+    (params, state donated). With a LoRA model, `params` is the adapter and `base` the frozen weights it
+    applies to; `dropout_key` draws the adapter's dropout masks.
 
     A step whose loss or gradient is not finite changes nothing and reports `skipped` = 1.
     """
 
-    def step(params, opt_state, batch: SFTBatch):
-        (loss, count), grads = jax.value_and_grad(lambda p: sft_loss(model, p, batch), has_aux=True)(params)
+    def step(params, opt_state, batch: SFTBatch, base=None, dropout_key=None):
+        def loss_fn(trainable):
+            return sft_loss(model, trainable if base is None else with_adapter(base, trainable, dropout_key), batch)
+
+        (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         params, opt_state, metrics = guarded_update(optimizer, params, opt_state, grads, loss)
         return params, opt_state, {"loss": loss, "target_tokens": count, **metrics}
 
@@ -255,7 +263,7 @@ class _Placement:
     def state_shardings(self, params, opt_state):
         if self.mesh is None:
             return None
-        shardings = param_shardings(self.model, self.mesh)
+        shardings = trainable_shardings(self.model, self.mesh)
         return shardings, opt_state_shardings(opt_state, shardings, self.mesh)
 
     def put_batch(self, batch: SFTBatch) -> SFTBatch:
@@ -290,9 +298,16 @@ def sft_train(
     Every `config.log_every` steps (and at the end) `metrics_callback(step, metrics)` receives the mean
     loss since the last report, the grad norm, the learning rate, skipped steps and steps per second.
     The step compiles once; the input params are consumed (donated).
+
+    With a LoRA model (`model.lora`) a fresh adapter trains on the frozen `params` (checkpoints hold the
+    adapter and its optimizer state), and the returned params are `with_adapter(params, adapter)`.
     """
     from tqdm.auto import tqdm
 
+    base = None
+    if model.lora is not None and model.lora.enabled:
+        base = params if mesh is None else shard_params(params, param_shardings(model, mesh))
+        params = init_adapter(jax.random.key(0), model)
     optimizer = make_optimizer(config.optimizer_config())
     opt_state = optimizer.init(params)
     placement = _Placement(mesh, model)
@@ -324,7 +339,8 @@ def sft_train(
                 raise ValueError(f"batches ran out after {step} of {config.num_steps} steps: "
                                  "give an endless iterator (e.g. iterate_batches) or lower num_steps") from None
             shape = _check_batch(batch, shape, model.config.vocab_size)
-            params, opt_state, metrics = train_step(params, opt_state, placement.put_batch(batch))
+            dropout_key = jax.random.fold_in(jax.random.key(0), step) if base is not None and model.lora.dropout else None
+            params, opt_state, metrics = train_step(params, opt_state, placement.put_batch(batch), base, dropout_key)
             step += 1
             losses.append(metrics["loss"])
             skipped.append(metrics["skipped"])
@@ -348,7 +364,7 @@ def sft_train(
                                   force=step == config.num_steps or stop)
     if checkpointer is not None:
         checkpointer.wait()
-    return params, step
+    return (params if base is None else with_adapter(base, params)), step
 
 
 def _trailing_skips(skipped: np.ndarray, before: int) -> int:

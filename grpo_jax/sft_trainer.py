@@ -5,7 +5,8 @@
 Used for R1's cold start (hand-written or filtered traces) and for distillation (a teacher's
 rejection-sampled traces). Traces are text: the student re-tokenizes them with its own tokenizer, so a
 student need not share the teacher's vocabulary. OUTPUT_DIR gets config.json, metrics.jsonl + TensorBoard,
-training_curves.png, checkpoints/ (a rerun resumes), summary.json and final/ (a Hugging Face checkpoint).
+training_curves.png, checkpoints/ (a rerun resumes), summary.json and final/ (a Hugging Face checkpoint;
+with LoRA the merged weights, and adapter/ in PEFT's format).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Sequence
 
 from grpo_jax.checkpoint import Checkpointer, sigterm_caught
 from grpo_jax.data import render_prompt
+from grpo_jax.lora import LoraConfig
 from grpo_jax.metrics import MetricsWriter, plot_metrics
 from grpo_jax.rejection import read_traces
 from grpo_jax.runs import (
@@ -64,6 +66,7 @@ class SFTRunConfig:
     weight_decay: float = 0.0
     dtype: str = "float32"
     remat: bool = False  # recompute attention in the backward (Transformer.remat): long sequences on GPU/TPU
+    lora: LoraConfig = LoraConfig()  # rank 0: full fine-tune; else train an adapter on the frozen model
     mesh: str = "data=-1"
     seed: int = 0
     save_every: int = 100
@@ -117,6 +120,8 @@ def run_sft(config: SFTRunConfig) -> dict:
     if not records:
         raise ValueError(f"{config.data} holds no traces: nothing to train on")
     path, model, params, tokenizer = load_policy(config.model, config.dtype, config.remat)
+    if config.lora.enabled:
+        model = dataclasses.replace(model, lora=config.lora)
     token_lists, masks = sft_examples(records, tokenizer, config.template)
     seq_len = config.seq_len or bucket_length(max(len(ids) for ids in token_lists) + 1)
     layout = pack_documents if config.packing else pad_documents
@@ -145,7 +150,7 @@ def run_sft(config: SFTRunConfig) -> dict:
     writer.close()
     if steps < num_steps:
         raise Preempted(steps, checkpointer.directory)
-    export_policy(model, params, tokenizer, os.path.join(config.output_dir, FINAL_DIR))
+    export_policy(model, params, tokenizer, os.path.join(config.output_dir, FINAL_DIR), base_model=path)
     summary = {
         "model": path,
         "traces": len(records),

@@ -31,6 +31,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from grpo_jax.lora import adapter_logical_axes, adapter_shapes
 from grpo_jax.models.transformer import KVCache, Transformer
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -45,6 +46,7 @@ LOGICAL_RULES = {
     "mlp": "tensor",
     "layers": None,
     "norm": None,
+    "lora_rank": None,
 }
 
 
@@ -137,18 +139,33 @@ def _mesh_axis_for(logical: str, dim: int, mesh: Mesh, head_dim: int) -> str | N
 
 def param_specs(model: Transformer, mesh: Mesh) -> dict:
     """PartitionSpec of every parameter (same tree as `model.param_shapes()`)."""
-    head_dim = model.config.head_dim
+    return _specs(model.logical_axes(), model.param_shapes(), model.config.head_dim, mesh)
 
+
+def _specs(axes: dict, shapes: dict, head_dim: int, mesh: Mesh) -> dict:
     def spec(names: tuple[str, ...], shape: tuple[int, ...]) -> P:
         return P(*(_mesh_axis_for(n, d, mesh, head_dim) for n, d in zip(names, shape)))
 
-    return jax.tree.map(spec, model.logical_axes(), model.param_shapes(), is_leaf=lambda x: isinstance(x, tuple))
+    return jax.tree.map(spec, axes, shapes, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def _named(specs: dict, mesh: Mesh) -> dict:
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs, is_leaf=lambda x: isinstance(x, P))
 
 
 def param_shardings(model: Transformer, mesh: Mesh) -> dict:
     """NamedSharding of every parameter (same tree as `model.param_shapes()`)."""
-    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), param_specs(model, mesh),
-                        is_leaf=lambda x: isinstance(x, P))
+    return _named(param_specs(model, mesh), mesh)
+
+
+def trainable_shardings(model: Transformer, mesh: Mesh) -> dict:
+    """NamedSharding of what training updates: the LoRA adapter (`lora.adapter_shapes`) when the model has
+    one, else every parameter. An adapter's A and B split like the weight they adapt (see
+    `lora.adapter_logical_axes`); the base params keep `param_shardings`."""
+    if model.lora is None or not model.lora.enabled:
+        return param_shardings(model, mesh)
+    specs = _specs(adapter_logical_axes(model), adapter_shapes(model), model.config.head_dim, mesh)
+    return _named(specs, mesh)
 
 
 def shard_params(params, shardings):

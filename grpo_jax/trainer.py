@@ -25,6 +25,7 @@ from grpo_jax import rewards as reward_lib
 from grpo_jax.checkpoint import Checkpointer, abstract_with_shardings, resume_advice, sigterm_caught
 from grpo_jax.data import load_task, render_prompt, reward_inputs
 from grpo_jax.evaluate import STOP_STRINGS, EvalConfig, evaluate, tokenizer_eos_ids
+from grpo_jax.lora import LoraConfig, init_adapter, make_rollout_params, with_adapter
 from grpo_jax.grpo import (
     GRPOConfig,
     TrainBatch,
@@ -72,7 +73,7 @@ from grpo_jax.text import bucket_length, check_prompt_lengths, completion_ids, d
 
 # Changing these between a run and its resumption is allowed; any other config change is refused.
 _RESUMABLE_FIELDS = ("steps", "eval_every", "save_every", "overwrite", "eval_before", "remat", "grpo.num_microbatches",
-                     "resume_step", "max_consecutive_skips", "max_zero_reward_steps")
+                     "resume_step", "max_consecutive_skips", "max_zero_reward_steps", "lora.merged_rollout")
 # A run resumed from a chosen earlier step (`resume_step`) takes another path from there: it may also change
 # the optimizer (a lower learning rate after a divergence).
 _BRANCH_FIELDS = tuple(f"optim.{field.name}" for field in dataclasses.fields(OptimizerConfig))
@@ -106,6 +107,7 @@ class TrainConfig:
     top_k: int = 0
     dtype: str = "float32"
     remat: bool = False  # recompute attention in the backward (Transformer.remat): long completions on GPU/TPU
+    lora: LoraConfig = LoraConfig()  # rank 0: full fine-tune; else train an adapter on the frozen base
     grpo: GRPOConfig = GRPOConfig()
     optim: OptimizerConfig = OptimizerConfig()
     mesh: str = "data=-1"
@@ -145,6 +147,10 @@ class TrainConfig:
                 f"grpo.temperature ({self.grpo.temperature}) must equal the sampling temperature ({self.temperature}): "
                 "training log-probs must use the distribution the samples came from"
             )
+
+        if self.lora.enabled and self.ref_refresh_every:
+            raise ValueError("ref_refresh_every needs a full fine-tune: with LoRA the reference is the frozen base "
+                             "model (the adapter switched off); drop --ref_refresh_every or --lora_rank")
 
     def to_dict(self) -> dict:
         # Reward functions are recorded by name or import path (a callable may not even be copyable).
@@ -201,11 +207,17 @@ class Trainer:
         self.optimizer = make_optimizer(cfg.optim)
         self.param_shardings = param_shardings(self.model, self.mesh)
         params = shard_params(params, self.param_shardings)
-        state = TrainState.create(params, self.optimizer)
+        if cfg.lora.enabled:
+            # The state trains the adapter; the base params stay frozen and are also the reference policy.
+            state = TrainState.create(init_adapter(jax.random.key(cfg.seed), self.model), self.optimizer)
+            self.ref_params = params
+        else:
+            state = TrainState.create(params, self.optimizer)
+            # The reference starts as a copy of the initial policy (a frozen copy: the state is donated).
+            self.ref_params = jax.tree.map(jnp.copy, params) if cfg.grpo.beta > 0 else None
         self.state_shardings = state.shardings(self.model, self.mesh)
         self.state = jax.device_put(state, self.state_shardings)
-        # The reference starts as a copy of the initial policy (a frozen copy: the state is donated).
-        self.ref_params = jax.tree.map(jnp.copy, params) if cfg.grpo.beta > 0 else None
+        self._rollout_params = make_rollout_params(cfg.lora, self.param_shardings)
 
         self.sampling = SamplingConfig(
             num_samples=cfg.group_size, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
@@ -228,6 +240,13 @@ class Trainer:
         self.writer = MetricsWriter(cfg.output_dir, enabled=is_main_process())
         self.step = 0
         self._preempted = False
+
+    def policy_params(self):
+        """The policy's weights for sampling: with LoRA the adapter merged into the base, or the adapter on
+        the base (`LoraConfig.merged_rollout`)."""
+        if not self.config.lora.enabled:
+            return self.state.params
+        return self._rollout_params(self.ref_params, self.state.params)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -278,7 +297,7 @@ class Trainer:
         prompts = host_to_global(batch.tokens, sharding, shape)
         prompt_mask = host_to_global(batch.mask, sharding, shape)
         key = jax.random.fold_in(jax.random.key(cfg.seed), step)
-        out = self.generate(self.state.params, prompts, prompt_mask, key)
+        out = self.generate(self.policy_params(), prompts, prompt_mask, key)
         return texts, batch, out
 
     def _trainer_state(self) -> reward_lib.TrainerState:
@@ -368,7 +387,7 @@ class Trainer:
 
     def evaluate(self) -> dict:
         cfg = self.config
-        return evaluate(self.model, self.state.params, self.tokenizer, self.task.eval, self.task,
+        return evaluate(self.model, self.policy_params(), self.tokenizer, self.task.eval, self.task,
                         template=cfg.template, config=cfg.eval, max_prompt_len=cfg.max_prompt_len,
                         prompt_width=self.prompt_width, mesh=self.mesh, trainer_state=self._trainer_state())
 
@@ -427,8 +446,10 @@ class Trainer:
         return summary
 
     def export(self, out_dir: str) -> None:
-        """The policy as a Hugging Face checkpoint with its tokenizer (servable by the usual engines)."""
-        export_policy(self.model, self.state.params, self.tokenizer, out_dir)
+        """The policy as a Hugging Face checkpoint with its tokenizer (servable by the usual engines); with
+        LoRA the merged weights, and the adapter alone in PEFT's format in OUTPUT_DIR/adapter/ (`export_policy`)."""
+        params = with_adapter(self.ref_params, self.state.params) if self.config.lora.enabled else self.state.params
+        export_policy(self.model, params, self.tokenizer, out_dir, base_model=self.config.model)
 
     def _on_sigterm(self) -> None:
         """Preemption: finish the current step, save it, exit cleanly (the loop checks the flag)."""
@@ -499,6 +520,8 @@ def load_run_inputs(config: TrainConfig):
                      num_eval=config.num_eval, reward_funcs=config.reward_funcs, reward_weights=config.reward_weights,
                      **config.task_options)
     _, model, params, tokenizer = load_policy(config.model, config.dtype, config.remat)
+    if config.lora.enabled:
+        model = dataclasses.replace(model, lora=config.lora)
     return task, model, params, tokenizer
 
 

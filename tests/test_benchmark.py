@@ -192,3 +192,22 @@ def test_sweep_report_writes_plots_tables_and_raw_reports(tmp_path, capsys):
         assert json.load(f) == {"group_size": [[2, report(0.5)], [8, report(1.5)]]}
     assert "| 8 | 1.500 | 0.500 | 1.000 | 10000 | 30.0% | 50.0% | 900 |" in capsys.readouterr().out
     assert benchmark.machine_caption(machine) == f"AMD EPYC, 2 cores, 2 cpu device(s), jax {jax.__version__}"
+
+
+def test_named_random_models_have_qwen2_5_parameter_counts():
+    assert benchmark.parse_random_model("qwen2.5-1.5b").num_params == 1_543_714_304  # Qwen/Qwen2.5-1.5B
+    assert benchmark.parse_random_model("qwen2.5-3b").num_params == 3_085_938_688  # Qwen/Qwen2.5-3B
+
+
+def test_lora_run_reports_its_trainable_parameters_and_smaller_update_arguments(capsys):
+    flags = ["--random_model", TINY, "--num_prompts", "8", "--group_size", "2", "--prompt_len", "4",
+             "--max_new_tokens", "4", "--steps", "2", "--peak_size", "64", "--bandwidth_mb", "4"]
+    reports = []
+    for extra in ([], ["--lora_rank", "4", "--lora_targets", "q_proj,v_proj,down_proj"]):
+        benchmark.main(flags + extra)
+        reports.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    full, lora = reports
+    assert full["trainable_params"] == full["model"]["params"]
+    # hidden 32, 4 heads of 8 (q: 32), 2 kv heads (v: 16), ffn 64; 2 layers; rank 4: r x (in + out) per adapter
+    assert lora["trainable_params"] == 2 * 4 * ((32 + 32) + (32 + 16) + (64 + 32))
+    assert lora["memory_mb"]["update_arguments"] < 0.4 * full["memory_mb"]["update_arguments"]

@@ -1,5 +1,6 @@
 """End to end: `experiments/r1zero.py --preset smoke`, its outputs, exact resumption, preemption, multi-process."""
 
+import dataclasses
 import json
 import os
 import re
@@ -94,9 +95,13 @@ def test_exported_policy_reloads_with_the_trained_logits(smoke_run):
 
 @pytest.mark.slow
 def test_kill_9_then_resume_logs_the_same_steps(smoke_run, cache_dir, tmp_path):
-    reference = {r["step"]: r for r in read_jsonl(smoke_run[0] / "metrics.jsonl")}
-    out_dir = tmp_path / "killed"
-    proc = run_smoke(out_dir, cache_dir, "--steps", "4", wait=False)
+    check_kill_9_then_resume(smoke_run[0], cache_dir, tmp_path / "killed")
+
+
+def check_kill_9_then_resume(reference_dir, cache_dir, out_dir, *flags):
+    """A run with `flags` killed at its third step and resumed logs what the run in `reference_dir` logged."""
+    reference = {r["step"]: r for r in read_jsonl(reference_dir / "metrics.jsonl")}
+    proc = run_smoke(out_dir, cache_dir, "--steps", "4", *flags, wait=False)
     metrics = out_dir / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -107,7 +112,7 @@ def test_kill_9_then_resume_logs_the_same_steps(smoke_run, cache_dir, tmp_path):
     proc.wait()
     # Resumed with --remat and 2 micro-batches: a run may turn them on to fit memory; they change how the
     # gradient is computed, not its value.
-    run_smoke(out_dir, cache_dir, "--steps", "4", "--remat", "--num_microbatches", "2")
+    run_smoke(out_dir, cache_dir, "--steps", "4", *flags, "--remat", "--num_microbatches", "2")
     config = json.loads((out_dir / "config.json").read_text())
     assert config["remat"] is True and config["grpo"]["num_microbatches"] == 2
     records = read_jsonl(metrics)
@@ -116,6 +121,58 @@ def test_kill_9_then_resume_logs_the_same_steps(smoke_run, cache_dir, tmp_path):
         ref = reference[record["step"]]
         for key in ("loss", "reward/mean", "completion_length/mean"):
             assert record[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-6), (record["step"], key)
+
+
+LORA_FLAGS = ("--lora_rank", "8", "--lora_alpha", "16", "--learning_rate", "1e-3")
+
+
+@pytest.fixture(scope="module")
+def lora_smoke_run(tmp_path_factory, cache_dir):
+    out_dir = tmp_path_factory.mktemp("lora_smoke")
+    run_smoke(out_dir, cache_dir, "--steps", "4", *LORA_FLAGS)
+    return out_dir
+
+
+@pytest.mark.slow
+def test_lora_run_checkpoints_the_adapter_and_exports_merged_weights_and_a_peft_adapter(lora_smoke_run):
+    import jax
+    import numpy as np
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from grpo_jax.checkpoint import Checkpointer
+    from grpo_jax.grpo import TrainState
+    from grpo_jax.lora import LoraConfig, init_adapter, merge
+    from grpo_jax.models import load_pretrained
+    from grpo_jax.optim import OptimizerConfig, make_optimizer
+
+    out_dir = lora_smoke_run
+    base_path = json.loads((out_dir / "config.json").read_text())["model"]
+    model, base = load_pretrained(base_path)
+    lora = LoraConfig(rank=8, alpha=16.0)
+    model = dataclasses.replace(model, lora=lora)
+    # The checkpoint is the adapter and its optimizer state: it restores into exactly that tree.
+    target = {"train": TrainState.create(init_adapter(jax.random.key(0), model), make_optimizer(OptimizerConfig()))}
+    with Checkpointer(out_dir / "checkpoints") as checkpointer:
+        restored, _ = checkpointer.restore(4, target)
+    adapter = jax.device_get(restored["train"].params)
+    assert np.abs(adapter["wq"]["b"]).max() > 0  # trained
+    _, exported = load_pretrained(out_dir / "final")
+    ids = np.arange(1, 17, dtype=np.int32)[None]
+    np.testing.assert_array_equal(np.asarray(model.apply(exported, ids)),
+                                  np.asarray(model.apply(merge(base, adapter, lora), ids)))
+    # PEFT puts the adapter on the base and gives the merged model's logits.
+    with_peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32),
+                                          out_dir / "adapter").eval()
+    with torch.no_grad():
+        peft_logits = with_peft(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(peft_logits, np.asarray(model.apply(exported, ids)), atol=1e-4)
+
+
+@pytest.mark.slow
+def test_lora_kill_9_then_resume_logs_the_same_steps(lora_smoke_run, cache_dir, tmp_path):
+    check_kill_9_then_resume(lora_smoke_run, cache_dir, tmp_path / "killed_lora", *LORA_FLAGS)
 
 
 @pytest.mark.slow
@@ -282,3 +339,17 @@ def test_tpu_presets_accumulate_gradients_over_micro_batches(tmp_path):
     assert r1zero.config_for("smoke", 0).grpo.num_microbatches == 1
     with pytest.raises(ValueError, match="num_microbatches must be >= 1"):
         r1zero.config_for("smoke", 0, "--num_microbatches", "0")
+
+
+def test_lora_tpu_preset_trains_an_adapter_on_a_bfloat16_base_and_flags_override_it(tmp_path):
+    r1zero = experiment_scripts.load("r1zero")
+    flags = ("--model", "/models/Qwen2.5-7B", "--data", str(tmp_path))
+    config = r1zero.config_for("tpu-qwen2.5-7b-lora", 0, *flags)
+    assert (config.lora.rank, config.lora.merged_rollout, config.dtype, config.remat) == (16, False, "bfloat16", True)
+    assert config.prompts_per_step * config.group_size // config.grpo.num_microbatches == 4  # a row per v5e chip
+    assert r1zero.config_for("tpu-qwen2.5-7b-lora", 0, *flags, "--lora_rank", "8").lora.rank == 8
+    assert r1zero.config_for("default", 0).lora.rank == 0  # full fine-tune unless asked
+    with pytest.raises(ValueError, match="ref_refresh_every needs a full fine-tune"):
+        r1zero.config_for("default", 0, "--lora_rank", "8", "--ref_refresh_every", "10")
+    with pytest.raises(ValueError, match="lora targets"):
+        r1zero.config_for("default", 0, "--lora_rank", "8", "--lora_targets", "qkv")

@@ -14,6 +14,7 @@ import pytest
 
 from grpo_jax.checkpoint import Checkpointer
 from grpo_jax.demo_base import SHIPPED_DIR, train_tokenizer
+from grpo_jax.lora import LoraConfig
 from grpo_jax.models import ModelConfig, Transformer, load_pretrained, load_tokenizer, save_pretrained
 from grpo_jax.optim import make_optimizer
 from grpo_jax.rejection import read_traces, write_traces
@@ -74,23 +75,31 @@ def tiny_rows():
     return pack_documents(docs, seq_len=16, eos_id=2)
 
 
-def train(steps, **kwargs):
-    model = Transformer(TINY)
+LORA = LoraConfig(rank=4, alpha=8.0)
+
+
+def train(steps, lora=None, **kwargs):
+    model = Transformer(TINY, lora=lora)
     config = SFTConfig(num_steps=6, learning_rate=1e-2, warmup_steps=2, log_every=1)
     params = model.init(jax.random.key(0))
     return sft_train(model, params, iterate_batches(tiny_rows(), batch_size=8, seed=1), config, progress=False,
                      **kwargs)
 
 
-def test_sharded_sft_equals_single_device():
-    single, _ = train(6)
-    sharded, _ = train(6, mesh=make_mesh(parse_mesh("data=2,fsdp=2,tensor=2")))
+@pytest.mark.parametrize("lora", [None, LORA], ids=["full", "lora"])
+def test_sharded_sft_equals_single_device(lora):
+    single, _ = train(6, lora)
+    sharded, _ = train(6, lora, mesh=make_mesh(parse_mesh("data=2,fsdp=2,tensor=2")))
     assert sharded["layers"]["wq"].sharding.spec != ()  # really sharded
+    if lora is not None:  # the adapter trained and is sharded too
+        assert sharded["layers"]["lora"]["wq"]["b"].sharding.spec != ()
+        assert np.abs(np.asarray(single["layers"]["lora"]["wq"]["b"])).max() > 0
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6), single, sharded)
 
 
-def test_resumed_sft_equals_uninterrupted(tmp_path):
-    uninterrupted, _ = train(6)
+@pytest.mark.parametrize("lora", [None, LORA], ids=["full", "lora"])
+def test_resumed_sft_equals_uninterrupted(tmp_path, lora):
+    uninterrupted, _ = train(6, lora)
     calls = []
 
     def preempt_after_3():  # asked once after each step
@@ -98,10 +107,10 @@ def test_resumed_sft_equals_uninterrupted(tmp_path):
         return len(calls) == 3
 
     with Checkpointer(tmp_path, save_every=100) as checkpointer:
-        _, steps = train(6, checkpointer=checkpointer, should_stop=preempt_after_3)
+        _, steps = train(6, lora, checkpointer=checkpointer, should_stop=preempt_after_3)
         assert steps == 3 and checkpointer.latest_step() == 3  # saved on preemption
     with Checkpointer(tmp_path, save_every=100) as checkpointer:
-        resumed, steps = train(6, checkpointer=checkpointer)
+        resumed, steps = train(6, lora, checkpointer=checkpointer)
         assert steps == 6 and checkpointer.latest_step() == 6
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), uninterrupted, resumed)
 

@@ -15,6 +15,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from grpo_jax.lora import LoraConfig
 from grpo_jax.models import ModelConfig, Transformer
 from grpo_jax.sharding import (
     MeshConfig,
@@ -28,6 +29,7 @@ from grpo_jax.sharding import (
     opt_state_shardings,
     param_shardings,
     parse_mesh,
+    trainable_shardings,
     process_local_slice,
     shard_params,
     use_cpu_devices,
@@ -147,6 +149,17 @@ def test_weights_really_sharded():
     assert len(p["layers"]["w_gate"].addressable_shards) == 8
     blocks = {tuple((i.start, i.stop) for i in s.index) for s in p["layers"]["w_gate"].addressable_shards}
     assert len(blocks) == 4
+
+
+def test_lora_adapter_split_like_the_weight_it_adapts():
+    model = Transformer(WIDE, lora=LoraConfig(rank=4))
+    shardings = trainable_shardings(model, mesh_of(2, 2, 2))
+    assert shardings["w_gate"]["a"].spec == P(None, "fsdp", None)  # embed/fsdp, rank replicated
+    assert shardings["w_gate"]["b"].spec == P(None, None, "tensor")  # mlp/tensor
+    assert shardings["wo"]["a"].spec == P(None, "tensor", None)  # heads/tensor
+    assert shardings["wo"]["b"].spec == P(None, None, "fsdp")
+    assert trainable_shardings(Transformer(WIDE), mesh_of(2, 2, 2)) == param_shardings(Transformer(WIDE),
+                                                                                         mesh_of(2, 2, 2))
 
 
 def test_indivisible_heads_fall_back_to_replicated():

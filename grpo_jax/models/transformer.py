@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from grpo_jax.lora import LoraConfig, adapter_dropout
 from grpo_jax.models.config import ModelConfig
 
 # Large finite negative instead of -inf: a fully masked row (a left-pad query) stays finite.
@@ -283,11 +284,16 @@ class Transformer:
     scores and their softmax are most of the activation memory, and recomputing them costs one attention
     forward (a few % of the FLOPs); no matmul of a projection is redone. Same numbers either way, up to
     float rounding.
+
+    lora: when the params carry an adapter (`lora.with_adapter`, under layers["lora"]), each adapted
+    projection adds `lora.scale · (x @ A) @ B`, computed apart from `x @ W` so that a backward through it
+    never forms W's gradient. Params without one (the reference, merged weights) run the plain model.
     """
 
     config: ModelConfig
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
+    lora: LoraConfig | None = None
 
     # ------------------------------------------------------------------ parameters
 
@@ -378,7 +384,7 @@ class Transformer:
         def layer(x, p):
             h = rms_norm(x, p["attn_norm"], self.config.rms_norm_eps)
             q, k, v = self._qkv(p, h, positions, inv_freq)
-            x = x + dense(checkpoint_name(causal_attention(q, k, v, mask), "attention"), p["wo"])
+            x = x + self._project(p, "wo", checkpoint_name(causal_attention(q, k, v, mask), "attention"))
             return self._mlp(p, checkpoint_name(x, "residual")), None
 
         if self.remat:
@@ -437,7 +443,7 @@ class Transformer:
             q, k, v = self._qkv(p, h, positions, inv_freq)
             k_cache = _write_slots(k_cache, k.transpose(0, 2, 3, 1), start, KVCache.KEY_SLOT_AXIS)
             v_cache = _write_slots(v_cache, v.swapaxes(1, 2), start, KVCache.VALUE_SLOT_AXIS)
-            x = self._mlp(p, x + cached_attention(q, k_cache, v_cache, mask) @ p["wo"])
+            x = self._mlp(p, x + self._project(p, "wo", cached_attention(q, k_cache, v_cache, mask)))
             new_k.append(k_cache)
             new_v.append(v_cache)
         cache = KVCache(k=tuple(new_k), v=tuple(new_v), valid=valid, index=start + t)
@@ -449,7 +455,7 @@ class Transformer:
     def _qkv(self, p, h, positions, inv_freq):
         c = self.config
         b, t, _ = h.shape
-        q, k, v = dense(h, p["wq"]), dense(h, p["wk"]), dense(h, p["wv"])
+        q, k, v = self._project(p, "wq", h), self._project(p, "wk", h), self._project(p, "wv", h)
         if c.attention_bias:
             q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
         q, k, v = checkpoint_name(q, "q"), checkpoint_name(k, "k"), checkpoint_name(v, "v")
@@ -463,8 +469,22 @@ class Transformer:
 
     def _mlp(self, p, x):
         h = rms_norm(x, p["mlp_norm"], self.config.rms_norm_eps)
-        gate, up = checkpoint_name(dense(h, p["w_gate"]), "gate"), checkpoint_name(dense(h, p["w_up"]), "up")
-        return x + dense(jax.nn.silu(gate) * up, p["w_down"])
+        gate = checkpoint_name(self._project(p, "w_gate", h), "gate")
+        up = checkpoint_name(self._project(p, "w_up", h), "up")
+        return x + self._project(p, "w_down", jax.nn.silu(gate) * up)
+
+    def _project(self, p, name, x):
+        """`x @ p[name]`, plus the layer's LoRA adapter on it if the params carry one (with its dropout when
+        they carry a dropout key)."""
+        y = dense(x, p[name])
+        lora = p.get("lora", {})
+        if name not in lora:
+            return y
+        a, b = lora[name]["a"], lora[name]["b"]
+        x = x.astype(a.dtype)
+        if "dropout_key" in lora:
+            x = adapter_dropout(x, lora["dropout_key"], name, self.lora.dropout)
+        return y + (self.lora.scale * dense(dense(x, a), b)).astype(y.dtype)
 
 
 def _write_slots(buffer: jax.Array, values: jax.Array, start: jax.Array, slot_axis: int) -> jax.Array:
