@@ -57,7 +57,8 @@ PRESETS = {
                       "--eval_max_new_tokens", "8"),
     ),
 }
-PRESET_KEYS = ("cold_start_examples", "sft_epochs", "sft_learning_rate", "sft_batch_size", "rl_steps")
+PRESET_KEYS = ("cold_start_examples", "cold_start_method", "sft_epochs", "sft_learning_rate", "sft_batch_size",
+               "rl_steps")
 # General questions and the words a right answer contains (any of them, case-insensitive).
 CHAT_QUESTIONS = (
     ("How many days are there in a week?", ("7", "seven")),
@@ -78,6 +79,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cold_start", help="JSONL of cold-start traces with prompt/completion (or question/completion) text")
     p.add_argument("--output_dir", default="runs/r1")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cold_start_method", choices=("columns", "chain"),
+                   help="the arithmetic cold start's worked solutions: column addition or one operation at a time")
     for name, kind in (("cold_start_examples", int), ("sft_epochs", float), ("sft_learning_rate", float),
                        ("sft_batch_size", int), ("rl_steps", int)):
         p.add_argument(f"--{name}", type=kind, help="overrides the preset's")
@@ -86,17 +89,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def tagged_solution(example: dict) -> str:
+def tagged_solution(example: dict, method: str) -> str:
     """The readable worked solution of a training example in the think/answer format: the arithmetic
-    task's column addition, or a data set's own "solution" text (GSM8K's worked solutions)."""
+    task's (`arithmetic.worked_solution` by `method`), or a data set's own "solution" text (GSM8K's)."""
     from grpo_jax.data.arithmetic import worked_solution
 
     if "solution" in example:
         return f" <think> {example['solution']} </think> <answer> {example['answer']} </answer>"
-    return worked_solution(example)
+    return worked_solution(example, method)
 
 
-def cold_start_traces(config, num_examples: int, out_path: str) -> str:
+def cold_start_traces(config, num_examples: int, out_path: str, method: str = "columns") -> str:
     """Worked solutions of the last training problems, rendered with the run's template, as a trace file."""
     from grpo_jax.data import load_task, render_prompt
     from grpo_jax.models import load_tokenizer
@@ -111,7 +114,7 @@ def cold_start_traces(config, num_examples: int, out_path: str) -> str:
                          "give more training data")
     tokenizer = load_tokenizer(resolve_init(config.model))
     records = [{"question": ex["prompt"], "prompt": render_prompt(config.template, ex, tokenizer),
-                "completion": tagged_solution(ex), "answer": ex["answer"], "teacher": "worked solutions"}
+                "completion": tagged_solution(ex, method), "answer": ex["answer"], "teacher": "worked solutions"}
                for ex in task.train[-num_examples:]]  # the end of the pool: RL draws from its start
     return write_traces(out_path, records)
 
@@ -152,7 +155,8 @@ def run(args: argparse.Namespace) -> dict:
     os.makedirs(args.output_dir, exist_ok=True)
 
     cold_start = args.cold_start or cold_start_traces(recipe("--model", base), preset["cold_start_examples"],
-                                                      out("cold_start_traces.jsonl"))
+                                                      out("cold_start_traces.jsonl"),
+                                                      preset.get("cold_start_method", "columns"))
     sft_config = lambda data, name: SFTRunConfig(  # noqa: E731
         model=base, data=data, output_dir=out(name), batch_size=preset["sft_batch_size"], seed=args.seed,
         epochs=preset.get("sft_epochs", 2.0), learning_rate=preset.get("sft_learning_rate", 1e-3))
