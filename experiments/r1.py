@@ -32,7 +32,7 @@ from distill import SMOKE_FLAGS
 
 # SmolLM2's ChatML turn with a one-line instruction, without the default system prompt: 30 prompt tokens
 # instead of the tokenizer template's 100 (every SFT and GRPO token costs on 2 CPU cores).
-SMOLLM2_TEMPLATE = ("<|im_start|>user\n{prompt}. Reason in <think> </think>, then answer in <answer> </answer>."
+SMOLLM2_TEMPLATE = ("<|im_start|>user\n{prompt}\nReason in <think> </think>, then answer in <answer> </answer>."
                     "<|im_end|>\n<|im_start|>assistant\n")
 PRESETS = {
     "default": dict(r1zero_preset="default", r1zero_flags=(), cold_start_examples=256, rl_steps=40, num_prompts=512,
@@ -41,8 +41,8 @@ PRESETS = {
                   num_prompts=32, samples=4, sft_batch_size=8),
     # SmolLM2-135M-Instruct: cold start then reasoning RL (stages 1-2), sized for 45 minutes on 2 CPU cores.
     "smollm2": dict(
-        r1zero_preset="smollm2", stages=2, chat_check=True, cold_start_examples=512, sft_batch_size=8,
-        sft_epochs=1.0, sft_learning_rate=1e-4, rl_steps=20,
+        r1zero_preset="smollm2", stages=2, chat_check=True, cold_start_examples=768, sft_batch_size=8,
+        sft_epochs=1.0, sft_learning_rate=1e-4, rl_steps=15,
         r1zero_flags=("--template", SMOLLM2_TEMPLATE, "--prompts_per_step", "8", "--group_size", "8",
                       "--max_new_tokens", "64", "--learning_rate", "5e-6", "--beta", "0", "--temperature", "1.0",
                       "--num_eval", "200", "--eval_samples", "4", "--eval_max_new_tokens", "64",
