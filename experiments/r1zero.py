@@ -115,6 +115,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ref_refresh_every", type=int, default=0, help="replace the reference with the policy every N steps")
     p.add_argument("--num_eval", type=int, help="held-out problems to evaluate on")
     p.add_argument("--eval_samples", type=int, help="k samples per problem for pass@1 / cons@k")
+    p.add_argument("--eval_max_new_tokens", type=int, help="completion length limit of the evaluation")
     p.add_argument("--dtype", help="float32 | bfloat16")
     p.add_argument("--remat", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute attention in the backward: far less activation memory on long completions "
@@ -223,7 +224,7 @@ def build_config(args: argparse.Namespace):
             dynamic_sampling=args.dynamic_sampling,
         ),
         optim=OptimizerConfig(learning_rate=pick("learning_rate"), warmup_steps=pick("warmup_steps")),
-        eval=EvalConfig(num_samples=pick("eval_samples"), max_new_tokens=preset["eval_max_new_tokens"], batch_size=100,
+        eval=EvalConfig(num_samples=pick("eval_samples"), max_new_tokens=pick("eval_max_new_tokens"), batch_size=100,
                         seed=args.seed),
         eval_every=args.eval_every,
         save_every=pick("save_every"),

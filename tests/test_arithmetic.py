@@ -108,14 +108,19 @@ def test_cold_start_worked_solutions_pass_both_rewards():
     assert parse_problem("Compute 47-85+9") == Problem((47, 85, 9), ("-", "+"))
     assert worked_solution({"prompt": "Compute 47+85+19"}) == (
         " <think> 47+85+19: 7+5+9=21. 4+8+1+2=15. </think> <answer> 151 </answer>")
+    assert worked_solution({"prompt": "Compute 47+85+19"}, "chain") == (
+        " <think> 47+85=132. 132+19=151. </think> <answer> 151 </answer>")
     task = make_arithmetic_task(seed=0, num_train=50, num_eval=10)
-    completions = [worked_solution(ex) for ex in task.train]
     answers = [ex["answer"] for ex in task.train]
     prompts = [r1zero_template(ex["prompt"]) for ex in task.train]
-    assert format_reward(prompts, completions) == [1.0] * 50
-    assert accuracy_reward(prompts, completions, answer=answers) == [1.0] * 50
+    for method in ("columns", "chain"):
+        completions = [worked_solution(ex, method) for ex in task.train]
+        assert format_reward(prompts, completions) == [1.0] * 50
+        assert accuracy_reward(prompts, completions, answer=answers) == [1.0] * 50
     with pytest.raises(ValueError, match="not an arithmetic task prompt"):
         parse_problem("What is 2+2?")
+    with pytest.raises(ValueError, match="unknown worked-solution method 'rows'; use one of columns, chain"):
+        worked_solution({"prompt": "Compute 1+2"}, "rows")
 
 
 def test_corpus_mix_matches_its_fractions():

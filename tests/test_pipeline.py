@@ -102,3 +102,21 @@ def test_bad_stage_inputs_are_one_line_errors(tmp_path, cache_dir, script, args,
     proc = run_script(script, *args, "--output_dir", str(tmp_path / "out"), cache_dir=cache_dir, check=False)
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1].startswith("error:") and message in proc.stderr
+
+
+@pytest.mark.slow
+def test_r1_smollm2_smoke_runs_cold_start_and_rl_on_the_real_model(tmp_path, cache_dir):
+    from grpo_jax.rejection import read_traces
+
+    out = tmp_path / "r1"
+    proc = run_script("r1.py", "--preset", "smollm2-smoke", "--output_dir", str(out), "--cpu_devices", "1",
+                      cache_dir=cache_dir)
+    summary = read(out / "summary.json")
+    assert list(summary)[:3] == ["base", "1_cold_start", "2_reasoning_rl"] and "4_sft" not in summary
+    assert read(out / "2_reasoning_rl" / "config.json")["model"] == str(out / "1_cold_start")
+    traces = read_traces(str(out / "cold_start_traces.jsonl"))
+    assert traces[0]["prompt"].startswith("<|im_start|>user\nCompute ") and "<answer>" in traces[0]["completion"]
+    # The base model answers general questions in its chat template (the check the trained model must pass).
+    checks = summary["chat_check"]
+    assert set(checks) == {"base", "2_reasoning_rl"} and sum(c["ok"] for c in checks["base"]) >= 3
+    assert "chat check, base" in proc.stdout

@@ -261,11 +261,19 @@ def parse_problem(prompt: str) -> Problem:
     return Problem(tuple(int(x) for x in parts[0::2]), tuple(parts[1::2]))
 
 
-def worked_solution(example: dict) -> str:
+WORKED_METHODS = ("columns", "chain")
+
+
+def worked_solution(example: dict, method: str = "columns") -> str:
     """An error-free worked solution in the think/answer format: the readable reasoning a person would
-    write, i.e. R1's cold-start data for this task, e.g. `` <think> 47+85+19: 7+5+9=21. 4+8+1+2=15.
-    </think> <answer> 151 </answer>``."""
-    steps, answer = worked_steps(parse_problem(example["prompt"]), random.Random(0), step_error_rate=0.0)
+    write, i.e. R1's cold-start data for this task. "columns": `worked_steps`, e.g. `` <think> 47+85+19:
+    7+5+9=21. 4+8+1+2=15. </think> <answer> 151 </answer>``; "chain": one operation at a time, e.g.
+    `` <think> 47+85=132. 132+19=151. </think> <answer> 151 </answer>``."""
+    if method not in WORKED_METHODS:
+        raise ValueError(f"unknown worked-solution method {method!r}; use one of {', '.join(WORKED_METHODS)}")
+    problem, exact = parse_problem(example["prompt"]), random.Random(0)
+    steps_fn = worked_steps if method == "columns" else chain_steps
+    steps, answer = steps_fn(problem, exact, step_error_rate=0.0)
     return format_response(steps, answer, tagged=True)
 
 
