@@ -10,7 +10,8 @@ base ("a": [L, in, r], "b": [L, r, out]):
 wherever it finds it (`Transformer(lora=LoraConfig(...))`, see `transformer.py`). So the policy is
 `with_adapter(base, adapter)` and the reference policy is `base` itself: one copy of the weights, and
 gradients and optimizer state for the adapter only. `merge(base, adapter, config)` folds the adapter into
-the weights (W + scale · A @ B): what the rollout samples with and what `final/` exports.
+the weights (W + scale · A @ B): what `final/` exports, and what the rollout samples with unless
+`LoraConfig.merged_rollout` is off (`make_rollout_params`).
 
 B starts at zero, so a fresh adapter leaves the base model unchanged (the GRPO ratio starts at 1 and the KL
 at 0); A starts like PEFT's (uniform in ±1/sqrt(in), torch's kaiming_uniform with a = sqrt(5)).

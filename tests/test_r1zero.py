@@ -146,6 +146,7 @@ def test_lora_run_checkpoints_the_adapter_and_exports_merged_weights_and_a_peft_
     from grpo_jax.lora import LoraConfig, init_adapter, merge
     from grpo_jax.models import load_pretrained
     from grpo_jax.optim import OptimizerConfig, make_optimizer
+    from grpo_jax.runs import resolve_init
 
     out_dir = lora_smoke_run
     base_path = json.loads((out_dir / "config.json").read_text())["model"]
@@ -158,7 +159,7 @@ def test_lora_run_checkpoints_the_adapter_and_exports_merged_weights_and_a_peft_
         restored, _ = checkpointer.restore(4, target)
     adapter = jax.device_get(restored["train"].params)
     assert np.abs(adapter["wq"]["b"]).max() > 0  # trained
-    _, exported = load_pretrained(out_dir / "final")
+    _, exported = load_pretrained(resolve_init(out_dir))  # what --init_from the run starts from: final/
     ids = np.arange(1, 17, dtype=np.int32)[None]
     np.testing.assert_array_equal(np.asarray(model.apply(exported, ids)),
                                   np.asarray(model.apply(merge(base, adapter, lora), ids)))

@@ -480,11 +480,12 @@ class Transformer:
         lora = p.get("lora", {})
         if name not in lora:
             return y
-        a, b = lora[name]["a"], lora[name]["b"]
-        x = x.astype(a.dtype)
+        # In the activations' dtype, as PEFT under autocast: a float32 adapter on a bfloat16 model would
+        # otherwise copy every projection's input to float32. Its gradient returns in the adapter's dtype.
+        a, b = lora[name]["a"].astype(x.dtype), lora[name]["b"].astype(x.dtype)
         if "dropout_key" in lora:
             x = adapter_dropout(x, lora["dropout_key"], name, self.lora.dropout)
-        return y + (self.lora.scale * dense(dense(x, a), b)).astype(y.dtype)
+        return y + self.lora.scale * dense(dense(x, a), b)
 
 
 def _write_slots(buffer: jax.Array, values: jax.Array, start: jax.Array, slot_axis: int) -> jax.Array:
