@@ -24,8 +24,12 @@ import argparse
 import dataclasses
 import os
 import time
+from typing import TYPE_CHECKING
 
 import r1zero  # experiments/r1zero.py: the R1-Zero recipe (presets, config, cache) this script builds on
+
+if TYPE_CHECKING:  # the scripts import grpo_jax only once the CPU device count is set (use_cpu_devices)
+    from grpo_jax.lora import LoraConfig
 
 # The R1-Zero default recipe with a small evaluation and group (the smoke presets of this script and r1.py).
 SMOKE_FLAGS = ("--num_eval", "16", "--eval_samples", "2", "--group_size", "4")
