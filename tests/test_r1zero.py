@@ -197,3 +197,15 @@ def test_tpu_presets_accumulate_gradients_over_micro_batches(tmp_path):
     assert r1zero.config_for("smoke", 0).grpo.num_microbatches == 1
     with pytest.raises(ValueError, match="num_microbatches must be >= 1"):
         r1zero.config_for("smoke", 0, "--num_microbatches", "0")
+
+
+def test_reward_flags_reach_the_config_and_the_later_stages():
+    r1zero = experiment_scripts.load("r1zero")
+    flags = ("--reward_funcs", "trl.rewards.think_format_reward", "accuracy", "--reward_weights", "0.5", "1")
+    config = r1zero.config_for("smoke", 0, *flags)
+    assert config.reward_funcs == ("trl.rewards.think_format_reward", "accuracy")
+    assert config.reward_weights == (0.5, 1.0)
+    assert config.to_dict()["reward_funcs"] == ["trl.rewards.think_format_reward", "accuracy"]
+    # experiments/r1.py hands these flags to every GRPO stage it builds.
+    assert r1zero.reward_flags(r1zero.parse_args(list(flags))) == [*flags[:4], "0.5", "1.0"]
+    assert r1zero.config_for("smoke", 0).reward_funcs is None
