@@ -10,8 +10,8 @@ whole turn, a pre-filled "<think>" included); `completion_ids` are the generated
 included), `trainer_state` has `global_step` and `max_steps` (None outside training), and `columns` are the
 data set's other columns as lists aligned with them (`answer` and its TRL name `solution`, or `nums` and
 `target` for countdown). None means "does not apply to this example" (say, no reference answer). The
-functions here take both forms, and so do TRL's own `trl.rewards`. Nothing learned judges the answers: each
-verifier is a few lines of parsing.
+functions here take both forms; TRL's own `trl.rewards` that read text take messages only, so they need a
+chat template. Nothing learned judges the answers: each verifier is a few lines of parsing.
 """
 
 from __future__ import annotations

@@ -354,3 +354,15 @@ def test_lora_tpu_preset_trains_an_adapter_on_a_bfloat16_base_and_flags_override
         r1zero.config_for("default", 0, "--lora_rank", "8", "--ref_refresh_every", "10")
     with pytest.raises(ValueError, match="lora targets"):
         r1zero.config_for("default", 0, "--lora_rank", "8", "--lora_targets", "qkv")
+
+
+def test_reward_flags_reach_the_config_and_the_later_stages():
+    r1zero = experiment_scripts.load("r1zero")
+    flags = ("--reward_funcs", "trl.rewards.think_format_reward", "accuracy", "--reward_weights", "0.5", "1")
+    config = r1zero.config_for("smoke", 0, *flags)
+    assert config.reward_funcs == ("trl.rewards.think_format_reward", "accuracy")
+    assert config.reward_weights == (0.5, 1.0)
+    assert config.to_dict()["reward_funcs"] == ["trl.rewards.think_format_reward", "accuracy"]
+    # experiments/r1.py hands these flags to every GRPO stage it builds.
+    assert r1zero.reward_flags(r1zero.parse_args(list(flags))) == [*flags[:4], "0.5", "1.0"]
+    assert r1zero.config_for("smoke", 0).reward_funcs is None

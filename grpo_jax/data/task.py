@@ -26,7 +26,8 @@ class Task:
       name: the registry name ("countdown", "gsm8k", ...).
       train: training examples, each ``{"prompt": str, "answer": str | None, ...extra columns}``.
       eval: held-out examples of the same shape; no prompt appears in both splits (checked here).
-      reward_fns: reward functions ``fn(prompts, completions, **columns) -> list[float | None]``, trained on.
+      reward_fns: reward functions, called as TRL calls them (``fn(prompts=, completions=, completion_ids=,
+        trainer_state=, **columns) -> list[float | None]``, see `rewards`), trained on.
       reward_weights: one weight per reward function; the training reward is their weighted sum.
       metric_fns: extra functions of the same protocol reported at evaluation but not trained on
         (e.g. accuracy wherever the answer is written, regardless of format).
