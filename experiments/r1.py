@@ -30,7 +30,7 @@ import time
 import r1zero  # experiments/r1zero.py: the R1-Zero recipe (and evaluation protocol) of every stage
 from distill import SMOKE_FLAGS
 
-# SmolLM2's ChatML turn with a one-line instruction, without the default system prompt: 30 prompt tokens
+# SmolLM2's ChatML turn with a one-line instruction, without the default system prompt: 37 prompt tokens
 # instead of the tokenizer template's 100 (every SFT and GRPO token costs on 2 CPU cores).
 SMOLLM2_TEMPLATE = ("<|im_start|>user\n{prompt}\nReason in <think> </think>, then answer in <answer> </answer>."
                     "<|im_end|>\n<|im_start|>assistant\n")
@@ -41,7 +41,7 @@ PRESETS = {
                   num_prompts=32, samples=4, sft_batch_size=8),
     # SmolLM2-135M-Instruct: cold start then reasoning RL (stages 1-2); measurements in docs/smollm2.md. Chain
     # solutions (47+85=132. 132+19=151.): after the same SFT, GRPO's samples at T 1 were right about 60% of the
-    # time, against 10% for column additions.
+    # time, against about 12% for column additions.
     # The update runs 16 rows at a time: with all 64 rows at once the first GRPO step took the process from
     # 7.5 GB to 17.5 GB (log-softmax over a 49,152-token vocabulary).
     "smollm2": dict(
@@ -52,7 +52,7 @@ PRESETS = {
                       "--num_eval", "200", "--eval_samples", "4", "--eval_max_new_tokens", "64",
                       "--save_every", "10", "--num_microbatches", "4"),
     ),
-    # The same path in a minute or two (the CI smoke test): a step of each stage, a tiny evaluation.
+    # The same path in a few minutes (the CI smoke test; 2.5 min on a busy 2-core machine): a step of each stage.
     "smollm2-smoke": dict(
         r1zero_preset="smollm2", stages=2, chat_check=True, cold_start_examples=8, cold_start_method="chain",
         sft_batch_size=4, sft_epochs=1.0, sft_learning_rate=1e-4, rl_steps=1,
@@ -73,6 +73,7 @@ CHAT_QUESTIONS = (
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from grpo_jax.data.arithmetic import WORKED_METHODS
     from grpo_jax.sharding import add_cpu_devices_flag
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -83,7 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cold_start", help="JSONL of cold-start traces with prompt/completion (or question/completion) text")
     p.add_argument("--output_dir", default="runs/r1")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cold_start_method", choices=("columns", "chain"),
+    p.add_argument("--cold_start_method", choices=WORKED_METHODS,
                    help="the arithmetic cold start's worked solutions: column addition or one operation at a time")
     for name, kind in (("cold_start_examples", int), ("sft_epochs", float), ("sft_learning_rate", float),
                        ("sft_batch_size", int), ("rl_steps", int)):
