@@ -29,7 +29,7 @@ import time
 import r1zero  # experiments/r1zero.py: the R1-Zero recipe (and evaluation protocol) of every stage
 from distill import SMOKE_FLAGS
 
-# SmolLM2's ChatML turn with a one-line instruction, without the default system prompt: 30 prompt tokens
+# SmolLM2's ChatML turn with a one-line instruction, without the default system prompt: 37 prompt tokens
 # instead of the tokenizer template's 100 (every SFT and GRPO token costs on 2 CPU cores).
 SMOLLM2_TEMPLATE = ("<|im_start|>user\n{prompt}\nReason in <think> </think>, then answer in <answer> </answer>."
                     "<|im_end|>\n<|im_start|>assistant\n")
@@ -38,19 +38,23 @@ PRESETS = {
                     samples=8, sft_batch_size=16),
     "smoke": dict(r1zero_preset="default", r1zero_flags=SMOKE_FLAGS, cold_start_examples=64, rl_steps=2,
                   num_prompts=32, samples=4, sft_batch_size=8),
-    # SmolLM2-135M-Instruct: cold start then reasoning RL (stages 1-2), sized for 45 minutes on 2 CPU cores.
+    # SmolLM2-135M-Instruct: cold start then reasoning RL (stages 1-2); measurements in docs/smollm2.md. Chain
+    # solutions (47+85=132. 132+19=151.): after the same SFT, GRPO's samples at T 1 were right about 60% of the
+    # time, against about 12% for column additions.
+    # The update runs 16 rows at a time: with all 64 rows at once the first GRPO step took the process from
+    # 7.5 GB to 17.5 GB (log-softmax over a 49,152-token vocabulary).
     "smollm2": dict(
-        r1zero_preset="smollm2", stages=2, chat_check=True, cold_start_examples=768, sft_batch_size=8,
-        sft_epochs=1.0, sft_learning_rate=1e-4, rl_steps=15,
+        r1zero_preset="smollm2", stages=2, chat_check=True, cold_start_examples=768, cold_start_method="chain",
+        sft_batch_size=8, sft_epochs=1.0, sft_learning_rate=1e-4, rl_steps=15,
         r1zero_flags=("--template", SMOLLM2_TEMPLATE, "--prompts_per_step", "8", "--group_size", "8",
                       "--max_new_tokens", "64", "--learning_rate", "5e-6", "--beta", "0", "--temperature", "1.0",
                       "--num_eval", "200", "--eval_samples", "4", "--eval_max_new_tokens", "64",
-                      "--save_every", "10"),
+                      "--save_every", "10", "--num_microbatches", "4"),
     ),
-    # The same path in a minute or two (the CI smoke test): a step of each stage, a tiny evaluation.
+    # The same path in a few minutes (the CI smoke test; 2.5 min on a busy 2-core machine): a step of each stage.
     "smollm2-smoke": dict(
-        r1zero_preset="smollm2", stages=2, chat_check=True, cold_start_examples=8, sft_batch_size=4,
-        sft_epochs=1.0, sft_learning_rate=1e-4, rl_steps=1,
+        r1zero_preset="smollm2", stages=2, chat_check=True, cold_start_examples=8, cold_start_method="chain",
+        sft_batch_size=4, sft_epochs=1.0, sft_learning_rate=1e-4, rl_steps=1,
         r1zero_flags=("--template", SMOLLM2_TEMPLATE, "--prompts_per_step", "2", "--group_size", "2",
                       "--max_new_tokens", "8", "--num_eval", "2", "--eval_samples", "1",
                       "--eval_max_new_tokens", "8"),
@@ -68,6 +72,7 @@ CHAT_QUESTIONS = (
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from grpo_jax.data.arithmetic import WORKED_METHODS
     from grpo_jax.sharding import add_cpu_devices_flag
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -79,7 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output_dir", default="runs/r1")
     p.add_argument("--seed", type=int, default=0)
     r1zero.add_reward_flags(p)
-    p.add_argument("--cold_start_method", choices=("columns", "chain"),
+    p.add_argument("--cold_start_method", choices=WORKED_METHODS,
                    help="the arithmetic cold start's worked solutions: column addition or one operation at a time")
     for name, kind in (("cold_start_examples", int), ("sft_epochs", float), ("sft_learning_rate", float),
                        ("sft_batch_size", int), ("rl_steps", int)):
@@ -137,6 +142,14 @@ def chat_check(config, questions=CHAT_QUESTIONS, max_new_tokens: int = 32) -> li
             for (q, words), a in zip(questions, answers)]
 
 
+def finished(summary: dict, stage: str) -> dict:
+    """A stage's summary; a stage stopped by SIGTERM (its checkpoint saved) ends the pipeline with one line."""
+    if "preempted_at_step" in summary:
+        sys.exit(f"{stage} stopped at step {summary['preempted_at_step']} (SIGTERM; checkpoint saved): rerun the "
+                 "same command to resume")
+    return summary
+
+
 def run(args: argparse.Namespace) -> dict:
     from grpo_jax.metrics import plot_comparison
     from grpo_jax.rejection import RejectionConfig, trace_stats, write_teacher_traces
@@ -160,9 +173,9 @@ def run(args: argparse.Namespace) -> dict:
     sft_config = lambda data, name: SFTRunConfig(  # noqa: E731
         model=base, data=data, output_dir=out(name), batch_size=preset["sft_batch_size"], seed=args.seed,
         epochs=preset.get("sft_epochs", 2.0), learning_rate=preset.get("sft_learning_rate", 1e-3))
-    cold = run_sft(sft_config(cold_start, "1_cold_start"))
-    rl1 = train(recipe("--init_from", out("1_cold_start"), "--steps", str(preset["rl_steps"]),
-                       "--output_dir", out("2_reasoning_rl")))
+    cold = finished(run_sft(sft_config(cold_start, "1_cold_start")), "1_cold_start")
+    rl1 = finished(train(recipe("--init_from", out("1_cold_start"), "--steps", str(preset["rl_steps"]),
+                                "--output_dir", out("2_reasoning_rl"))), "2_reasoning_rl")
     results = {"base": evaluate_checkpoint(recipe("--model", base)), "1_cold_start": rl1["eval_before"],
                "2_reasoning_rl": rl1["eval_after"]}
     summary = {"sft_steps": cold["steps"]}
@@ -171,9 +184,9 @@ def run(args: argparse.Namespace) -> dict:
         rejection = RejectionConfig(num_samples=preset["samples"], max_new_tokens=64, seed=args.seed)
         records = write_teacher_traces(recipe("--model", out("2_reasoning_rl")), out("3_traces.jsonl"), rejection,
                                        preset["num_prompts"])
-        sft = run_sft(sft_config(out("3_traces.jsonl"), "4_sft"))
-        rl2 = train(recipe("--init_from", out("4_sft"), "--steps", str(preset["rl_steps"]),
-                           "--output_dir", out("5_rl")))
+        sft = finished(run_sft(sft_config(out("3_traces.jsonl"), "4_sft")), "4_sft")
+        rl2 = finished(train(recipe("--init_from", out("4_sft"), "--steps", str(preset["rl_steps"]),
+                                    "--output_dir", out("5_rl"))), "5_rl")
         results.update({"4_sft": rl2["eval_before"], "5_rl": rl2["eval_after"]})
         summary = {"traces": trace_stats(records, preset["num_prompts"], preset["samples"]), "sft_steps": sft["steps"]}
         final = "5_rl"
