@@ -142,14 +142,6 @@ def chat_check(config, questions=CHAT_QUESTIONS, max_new_tokens: int = 32) -> li
             for (q, words), a in zip(questions, answers)]
 
 
-def finished(summary: dict, stage: str) -> dict:
-    """A stage's summary; a stage stopped by SIGTERM (its checkpoint saved) ends the pipeline with one line."""
-    if "preempted_at_step" in summary:
-        sys.exit(f"{stage} stopped at step {summary['preempted_at_step']} (SIGTERM; checkpoint saved): rerun the "
-                 "same command to resume")
-    return summary
-
-
 def run(args: argparse.Namespace) -> dict:
     from grpo_jax.metrics import plot_comparison
     from grpo_jax.rejection import RejectionConfig, trace_stats, write_teacher_traces
@@ -173,9 +165,9 @@ def run(args: argparse.Namespace) -> dict:
     sft_config = lambda data, name: SFTRunConfig(  # noqa: E731
         model=base, data=data, output_dir=out(name), batch_size=preset["sft_batch_size"], seed=args.seed,
         epochs=preset.get("sft_epochs", 2.0), learning_rate=preset.get("sft_learning_rate", 1e-3))
-    cold = finished(run_sft(sft_config(cold_start, "1_cold_start")), "1_cold_start")
-    rl1 = finished(train(recipe("--init_from", out("1_cold_start"), "--steps", str(preset["rl_steps"]),
-                                "--output_dir", out("2_reasoning_rl"))), "2_reasoning_rl")
+    cold = run_sft(sft_config(cold_start, "1_cold_start"))
+    rl1 = train(recipe("--init_from", out("1_cold_start"), "--steps", str(preset["rl_steps"]),
+                       "--output_dir", out("2_reasoning_rl")))
     results = {"base": evaluate_checkpoint(recipe("--model", base)), "1_cold_start": rl1["eval_before"],
                "2_reasoning_rl": rl1["eval_after"]}
     summary = {"sft_steps": cold["steps"]}
@@ -184,9 +176,9 @@ def run(args: argparse.Namespace) -> dict:
         rejection = RejectionConfig(num_samples=preset["samples"], max_new_tokens=64, seed=args.seed)
         records = write_teacher_traces(recipe("--model", out("2_reasoning_rl")), out("3_traces.jsonl"), rejection,
                                        preset["num_prompts"])
-        sft = finished(run_sft(sft_config(out("3_traces.jsonl"), "4_sft")), "4_sft")
-        rl2 = finished(train(recipe("--init_from", out("4_sft"), "--steps", str(preset["rl_steps"]),
-                                    "--output_dir", out("5_rl"))), "5_rl")
+        sft = run_sft(sft_config(out("3_traces.jsonl"), "4_sft"))
+        rl2 = train(recipe("--init_from", out("4_sft"), "--steps", str(preset["rl_steps"]),
+                           "--output_dir", out("5_rl")))
         results.update({"4_sft": rl2["eval_before"], "5_rl": rl2["eval_after"]})
         summary = {"traces": trace_stats(records, preset["num_prompts"], preset["samples"]), "sft_steps": sft["steps"]}
         final = "5_rl"
