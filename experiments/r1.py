@@ -137,7 +137,7 @@ def chat_check(config, questions=CHAT_QUESTIONS, max_new_tokens: int = 32) -> li
                                              add_generation_prompt=True) for q, _ in questions]
     answers = sample_completions(model, params, tokenizer, prompts, num_samples=1, max_new_tokens=max_new_tokens,
                                  temperature=0.0, top_p=1.0, max_prompt_len=config.max_prompt_len,
-                                 batch_size=len(prompts), key=jax.random.key(0), desc="chat check")
+                                 batch_size=len(prompts), key=jax.random.key(0), desc="chat check").texts
     return [{"question": q, "answer": a.strip(), "ok": any(w in a.lower() for w in words)}
             for (q, words), a in zip(questions, answers)]
 
