@@ -431,7 +431,7 @@ def test_token_logps_match_unpadded_full_forward():
 
     batch = [jnp.asarray(x) for x in (prompt_tokens, prompt_mask, completions, completion_mask)]
     real = completion_mask > 0
-    # 3 tokens per chunk over 2 x 7 tokens: chunks that straddle rows, the last one padded.
+    # At most 3 tokens per chunk over 2 x 7 tokens: both rows x 1 position, 7 chunks.
     compute = jax.jit(lambda *xs: token_logps(model, params, *xs, temperature=temperature, chunk_tokens=3))
     logps, entropy = compute(*batch)
     np.testing.assert_allclose(np.asarray(logps)[real], expected_logps[real], atol=2e-5, rtol=1e-5)

@@ -7,16 +7,18 @@ import numpy as np
 import pytest
 
 from grpo_jax.grpo import GRPOConfig, grpo_loss, token_logps
-from grpo_jax.logprobs import chunk_tokens_for, chunked_token_logps
+from grpo_jax.logprobs import chunk_layout, chunk_tokens_for, chunked_token_logps
 from grpo_jax.models import ModelConfig, Transformer
+from grpo_jax.sharding import batch_sharding, make_mesh, parse_mesh
 from grpo_jax.sft import completion_example, pad_documents, sft_loss
 
 TINY = ModelConfig(
     model_type="qwen2", vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
     num_kv_heads=2, attention_bias=True, tie_embeddings=True,
 )
-# One token per chunk, chunks that straddle rows with a padded last one, exactly the batch, more than it.
-CHUNKS = (1, 5, 21, 1000)
+# Over 3 rows x 7 positions: one row per chunk, all rows x 1 position, all rows x 2 positions (the last
+# chunk padded), exactly the batch, more than it.
+CHUNKS = (1, 5, 6, 21, 1000)
 
 
 def np_log_softmax(logits):
@@ -32,6 +34,28 @@ def test_chunk_tokens_for_a_budget():
         chunk_tokens_for(96, 0)
     with pytest.raises(ValueError, match="logits_chunk_mb must be > 0"):
         GRPOConfig(logits_chunk_mb=-1)
+
+
+def test_chunk_layout_bounds_tokens_and_keeps_row_blocks():
+    # (row groups m, positions per chunk k): rows / m x k tokens per chunk
+    assert chunk_layout(64, 64, 341) == (1, 5)  # SmolLM2: 13 chunks of 64 rows x 5 positions
+    assert chunk_layout(8, 512, 341) == (1, 40)  # 13 chunks of 8 x 40 (8 positions padded), not 12 of 42 + 1
+    assert chunk_layout(1, 512, 341) == (1, 256)  # evened out: 2 chunks of 256
+    assert chunk_layout(128, 640, 110) == (2, 1)  # more rows than the budget: 64 rows x 1 position
+    assert chunk_layout(7, 3, 2) == (7, 1)  # a prime row count: one row at a time
+    assert chunk_layout(3, 7, 1000) == (1, 7)
+
+
+def test_chunked_logps_keep_the_rows_split_over_devices():
+    """On a data mesh the rows' split survives the chunks: no device gathers another's hidden states."""
+    model = Transformer(TINY)
+    params = model.init(jax.random.key(0), std=0.3)
+    mesh = make_mesh(parse_mesh("data=-1"))  # the tests run on 8 CPU devices
+    hidden = jax.device_put(jnp.ones((16, 12, TINY.hidden_size)), batch_sharding(mesh, 3))
+    tokens = jax.device_put(jnp.zeros((16, 12), jnp.int32), batch_sharding(mesh, 2))
+    compute = jax.jit(lambda p, h, t: chunked_token_logps(model, p, h, t, chunk_tokens=8)[0])  # 8 rows x 1
+    hlo = compute.lower(params, hidden, tokens).compile().as_text()
+    assert not any(op in hlo for op in ("all-gather", "all-to-all", "collective-permute"))
 
 
 @pytest.mark.parametrize("chunk", CHUNKS)
