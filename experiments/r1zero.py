@@ -40,15 +40,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return command_line.parse(argv)
 
 
-def check_data_flags(task: str, data: str | None) -> None:
-    from grpo_jax.data import TASKS
-
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(sorted(TASKS))}")
-    if data is not None and not os.path.exists(data):
-        raise FileNotFoundError(f"--data {data} does not exist: give a local JSONL/Parquet file or directory")
-
-
 def build_config(args: argparse.Namespace):
     """The run's TrainConfig: the preset, edited by the flags given, checked before any model is built."""
     from grpo_jax.presets import PRESETS, preset_config
@@ -56,7 +47,6 @@ def build_config(args: argparse.Namespace):
     preset = PRESETS[args.preset]
     edits = dict(args.edits)
     model, seed = edits.pop("model", None), edits.pop("seed", 0)
-    check_data_flags(edits.get("task", preset.config.task), edits.get("data"))  # before building or loading any model
     if model and args.init_from:
         raise ValueError("give --model (a base model) or --init_from (another stage's output), not both")
     return preset_config(preset, seed, args.init_from or model, edits)

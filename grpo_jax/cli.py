@@ -178,18 +178,20 @@ class CommandLine:
         """A script's own flag (not a config field)."""
         self.pending.append((name, (f"--{name}", *aliases), kwargs))
 
-    def add_config(self, config: Any, *, skip: tuple[str, ...] = (), help: dict[str, str] | None = None) -> None:
+    def add_config(self, config: Any, *, skip: tuple[str, ...] = (), required: tuple[str, ...] = (),
+                   help: dict[str, str] | None = None) -> None:
         """One flag per field of `config` (a dataclass instance, nested ones included) but `skip` (paths or
-        flag names), its help showing `config`'s value as the default."""
+        flag names), its help showing `config`'s value as the default; the `required` ones must be given."""
         texts = {**HELP, **(help or {})}
         for path, kind, value in leaf_fields(config):
             name = flag_name(path)
             if path in skip or name in skip:
                 continue
             shown = f"same as --{flag_name(DERIVED[path])}" if path in DERIVED else _shown(path, value)
-            text = f"{texts.get(path, texts.get(name, ''))} (default: {shown})".lstrip()
+            text = texts.get(path, texts.get(name, ""))
+            text = text if path in required else f"{text} (default: {shown})".lstrip()
             self.pending.append((name, (f"--{name}",), {"dest": path, "help": text, "metavar": name.upper(),
-                                                           **_parse_rule(path, kind)}))
+                                                           "required": path in required, **_parse_rule(path, kind)}))
             if path == "truncate_prompts":  # the spelling the scripts have always taken
                 self.pending.append((name, ("--no_truncate_prompts",),
                                      dict(dest=path, action="store_false", help=argparse.SUPPRESS)))
@@ -234,8 +236,10 @@ def _shown(path: str, value: Any) -> str:
         return ",".join(value)
     if isinstance(value, (tuple, list)):
         return " ".join(map(str, value))
-    if value in ("", None):
-        return "none" if value is None else "the preset's base model"
+    if path == "model" and not value:
+        return "the preset's base model"
+    if value is None:
+        return "none"
     return str(value)
 
 

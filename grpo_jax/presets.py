@@ -11,6 +11,7 @@ import dataclasses
 import os
 from typing import Any
 
+from grpo_jax.data import TASKS
 from grpo_jax.lora import LoraConfig
 from grpo_jax.trainer import TrainConfig
 
@@ -152,9 +153,18 @@ def resolve_model(base_model: str | None, seed: int) -> str:
     return demo_model_path("demo_base", seed, os.path.join(CACHE_DIR, base_model))
 
 
+def check_data(task: str, data: str | None) -> None:
+    """A known task, and a data path that exists (checked before any model is built or loaded)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(sorted(TASKS))}")
+    if data is not None and not os.path.exists(data):
+        raise FileNotFoundError(f"--data {data} does not exist: give a local JSONL/Parquet file or directory")
+
+
 def preset_config(preset: Preset, seed: int = 0, model: str | None = None,
                   edits: dict[str, Any] | None = None) -> TrainConfig:
     """The preset's TrainConfig for `seed` (the eval seed follows it), with `model` (default: the preset's
     base model) and {dotted field path: value} `edits`; checked before the model is resolved."""
     config = with_edits(preset.config, {"seed": seed, **(edits or {})})
+    check_data(config.task, config.data)
     return dataclasses.replace(config, model=model or resolve_model(preset.base_model, seed))
