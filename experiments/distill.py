@@ -166,7 +166,7 @@ def grpo_step_flops(config, num_params: int, prompt_width: int) -> float:
     the rollout's prefill and decode, the reference forward (beta > 0) and the policy's forward + backward."""
     rollout_tokens = config.prompts_per_step * prompt_width + config.rows_per_step * config.max_new_tokens
     update_tokens = config.rows_per_step * (prompt_width + config.max_new_tokens)
-    passes = 6 * config.grpo.num_iterations + (2 if config.grpo.beta > 0 else 0)
+    passes = 6 * config.grpo.num_iterations + (2 if config.grpo.needs_reference else 0)
     return 2 * num_params * rollout_tokens + passes * num_params * update_tokens
 
 

@@ -49,6 +49,7 @@ class Plan:
     rl_steps: int = 40
     num_prompts: int = 512  # training problems the RL policy samples traces for (stage 3)
     samples: int = 8  # traces per problem
+    trace_max_new_tokens: int = 64  # completion length limit of those traces
     stages: int = 5  # 2: cold start and RL only
     chat_check: bool = False  # ask the base and the final model general questions
 
@@ -85,6 +86,7 @@ HELP = {
     "rl_steps": "GRPO steps of each RL stage",
     "num_prompts": "training problems the RL policy samples traces for (stage 3)",
     "samples": "traces sampled per problem (stage 3)",
+    "trace_max_new_tokens": "completion length limit of those traces",
     "stages": "5: the whole pipeline; 2: cold start and RL only",
     "chat_check": "ask the base and the final model a few general questions",
 }
@@ -109,8 +111,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     command_line = cli.CommandLine(__doc__, usage="%(prog)s [--preset NAME] [--FLAG VALUE ...]")
     command_line.add("preset", default="default", choices=sorted(PRESETS),
                      help="a named pipeline; flags override it, and --help shows its values (default: default)")
-    command_line.add("seed", type=int, default=0, help="seeds the models, the data order and the sampling (default: 0)")
-    command_line.add("output_dir", default="runs/r1", help="each stage's run directory goes under it (default: runs/r1)")
+    command_line.add("seed", type=int, default=0,
+                     help="seeds the models, the data order and the sampling (default: 0)")
+    command_line.add("output_dir", default="runs/r1",
+                     help="each stage's run directory goes under it (default: runs/r1)")
     command_line.add_config(PRESETS[preset], skip=("recipe",), help=HELP)
     plan_paths = [flag.path for flag in command_line.flags]
     command_line.add_config(RECIPES[PRESETS[preset].recipe].config, skip=STAGE_FIELDS)
@@ -201,7 +205,7 @@ def run(args: argparse.Namespace) -> dict:
     summary = {"sft_steps": cold["steps"]}
     final = "2_reasoning_rl"
     if plan.stages == 5:
-        rejection = RejectionConfig(num_samples=plan.samples, max_new_tokens=64, seed=args.seed)
+        rejection = RejectionConfig(num_samples=plan.samples, max_new_tokens=plan.trace_max_new_tokens, seed=args.seed)
         records = write_teacher_traces(on(out("2_reasoning_rl")), out("3_traces.jsonl"), rejection, plan.num_prompts)
         sft = run_sft(sft_config(out("3_traces.jsonl"), "4_sft"))
         rl2 = train(stage(out("4_sft"), "5_rl"))

@@ -23,6 +23,7 @@ from typing import Any
 from grpo_jax.lora import parse_targets
 from grpo_jax.presets import DERIVED
 
+BOOLEAN = argparse.BooleanOptionalAction  # --remat / --no-remat
 FLAG_PREFIX = {"eval": "eval_", "lora": "lora_"}  # nested configs whose flags carry a prefix (the rest: none)
 RENAMED = {"eval.num_samples": "eval_samples", "lora.merged_rollout": "lora_rollout"}
 
@@ -205,8 +206,8 @@ class CommandLine:
         groups = {title: parser.add_argument_group(title, text) for title, text in GROUPS.items()}
         first = {name: i for i, name in enumerate(START)}
         for name, options, kwargs in sorted(self.pending, key=lambda flag: first.get(flag[0], len(first))):
-            if kwargs.get("action") in ("store_true", "store_false", argparse.BooleanOptionalAction) or "choices" in kwargs:
-                kwargs = {k: v for k, v in kwargs.items() if k != "metavar"}
+            if "choices" in kwargs or kwargs.get("action") in ("store_true", "store_false", BOOLEAN):
+                kwargs = {k: v for k, v in kwargs.items() if k != "metavar"}  # these print their own
             _group(groups, name).add_argument(*options, **kwargs)
         args = parser.parse_args(argv)
         args.edits = config_edits(args, self.flags)
@@ -260,9 +261,9 @@ def _parse_rule(path: str, kind: Any) -> dict[str, Any]:
         return dict(choices=("merged", "unmerged"))  # read by `config_edits`
     kind, optional = _optional(kind)
     if kind is bool:
-        return dict(action=argparse.BooleanOptionalAction)
+        return dict(action=BOOLEAN)
     if kind is dict:
-        return dict(nargs="+", type=_key_value, action=_MergeDict, metavar="KEY=VALUE")
+        return dict(nargs="+", type=_key_value, action=_ToDict, metavar="KEY=VALUE")
     origin = typing.get_origin(kind) or kind
     if origin is tuple:
         item = (typing.get_args(kind) or (str,))[0]
@@ -277,7 +278,7 @@ class _ToTuple(argparse.Action):
         setattr(namespace, self.dest, tuple(values))
 
 
-class _MergeDict(argparse.Action):
+class _ToDict(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
         setattr(namespace, self.dest, dict(values))
 

@@ -123,10 +123,10 @@ def plot_metrics(metrics_path: str, out_png: str, panels=PLOT_PANELS) -> str:
         fig.suptitle(f"GRPO on {config['task']}: {model}, seed {config['seed']}")
         if summary and summary.get("eval_after"):
             # Training accuracy and eval pass@1 sample differently: the same policy scores lower at T 1.0.
-            fig.text(0.5, 0.01, f"Training accuracy is the rollouts' (sampled at temperature {config['grpo']['temperature']}"
-                     f"); eval pass@1 samples at temperature {config['eval']['temperature']}, top-p "
-                     f"{config['eval']['top_p']}, on held-out problems, so it differs from the training curve.",
-                     ha="center", va="bottom", fontsize=8)
+            train_t, evaluation = config["grpo"]["temperature"], config["eval"]
+            fig.text(0.5, 0.01, f"Training accuracy is the rollouts' (sampled at temperature {train_t}); eval pass@1 "
+                     f"samples at temperature {evaluation['temperature']}, top-p {evaluation['top_p']}, on held-out "
+                     "problems, so it differs from the training curve.", ha="center", va="bottom", fontsize=8)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(out_png, dpi=110)
     plt.close(fig)

@@ -41,6 +41,12 @@ def get(config: Any, path: str) -> Any:
 def with_edits(config: Any, edits: dict[str, Any]) -> Any:
     """`config` with {dotted field path: value} applied (nested dataclasses replaced, never mutated), then
     the derived settings (`DERIVED`) that `edits` does not set recomputed from their sources."""
+    config = _replaced(config, edits)
+    follow = {path: get(config, source) for path, source in DERIVED.items() if path not in edits and _has(config, path)}
+    return _replaced(config, follow)
+
+
+def _replaced(config: Any, edits: dict[str, Any]) -> Any:
     nested: dict[str, dict[str, Any]] = {}
     top = {}
     for path, value in edits.items():
@@ -50,10 +56,8 @@ def with_edits(config: Any, edits: dict[str, Any]) -> Any:
         else:
             top[head] = value
     for head, inner in nested.items():
-        top[head] = with_edits(getattr(config, head), inner)
-    config = dataclasses.replace(config, **top) if top else config
-    follow = {path: source for path, source in DERIVED.items() if path not in edits and _has(config, path)}
-    return with_edits(config, {path: get(config, source) for path, source in follow.items()}) if follow else config
+        top[head] = _replaced(getattr(config, head), inner)
+    return dataclasses.replace(config, **top) if top else config
 
 
 def _has(config: Any, path: str) -> bool:

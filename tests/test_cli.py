@@ -119,3 +119,10 @@ def test_the_pipelines_build_their_stages_from_the_recipes():
     config = distill.r1zero_config(plan, "/models/student")
     assert dataclasses.replace(config, model="") == dataclasses.replace(
         preset_config(RECIPES["small-default"], 0, "/x"), model="")
+
+
+def test_no_pytorch_notice_from_transformers_in_a_jax_program():
+    code = "import sys; sys.modules['torch'] = None; import grpo_jax, transformers"  # as if PyTorch were absent
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "PyTorch was not found" not in proc.stderr
