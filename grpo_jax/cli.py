@@ -338,7 +338,7 @@ def print_table(summary: dict, completion_length: tuple[float, float] | None = N
         rows.append(("completion length (tok)", *completion_length))
     for name, b, a in rows:
         change = f"{a - b:+.3f}" if b is not None else ""
-        print(f"{name:<26}{b if b is None else f'{b:.3f}':>10}{a:>10.3f}{change:>10}")
+        print(f"{name:<26}{'' if b is None else f'{b:.3f}':>10}{a:>10.3f}{change:>10}")
 
 
 def print_run_summary(config, summary: dict) -> None:
