@@ -24,115 +24,120 @@ import argparse
 import dataclasses
 import os
 import time
-from typing import TYPE_CHECKING
 
-import r1zero  # experiments/r1zero.py: the R1-Zero recipe (presets, config, cache) this script builds on
-
-if TYPE_CHECKING:  # the scripts import grpo_jax only once the CPU device count is set (use_cpu_devices)
-    from grpo_jax.lora import LoraConfig
-
-# The R1-Zero default recipe with a small evaluation and group (the smoke presets of this script and r1.py).
-SMOKE_FLAGS = ("--num_eval", "16", "--eval_samples", "2", "--group_size", "4")
-PRESETS = {
-    # The teacher is the R1-Zero default policy (0.29M parameters); the student is pretrained on the same
-    # corpus with 0.45x the parameters (demo_base.STUDENT_RECIPE).
-    "default": dict(teacher="r1zero", r1zero_flags=(), num_prompts=2048, samples=4, max_per_prompt=4,
-                    trace_max_new_tokens=64, sft_epochs=3.0, sft_batch_size=16, sft_learning_rate=1e-3),
-    # The same path in about a minute: the demo base model as the teacher, a few problems, tiny budgets.
-    "smoke": dict(teacher="demo_base", r1zero_flags=SMOKE_FLAGS, num_prompts=64, samples=8, max_per_prompt=2,
-                  trace_max_new_tokens=64, sft_epochs=1.0, sft_batch_size=8, sft_learning_rate=1e-3),
-}
-ROLES = ("teacher", "student_before", "student_after", "student_rl")
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    from grpo_jax.lora import add_lora_flags
-    from grpo_jax.sharding import add_cpu_devices_flag
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="default", choices=sorted(PRESETS))
-    p.add_argument("--teacher", help="a finished run's directory or a Hugging Face directory (default: the R1-Zero "
-                   "default policy for --seed, trained and cached if needed)")
-    p.add_argument("--student", help="the student's base model: Hugging Face directory or a finished run's directory "
-                   "(default: the demo student for --seed)")
-    p.add_argument("--output_dir", default="runs/distill")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num_prompts", type=int, help="training problems to sample teacher traces for")
-    p.add_argument("--samples", type=int, help="k: traces sampled per problem")
-    p.add_argument("--max_per_prompt", type=int, help="distinct passing traces kept per problem")
-    p.add_argument("--sft_epochs", type=float, help="passes over the traces")
-    p.add_argument("--overwrite", action="store_true", help="replace a distillation run with another config")
-    add_lora_flags(p)  # the student's SFT and GRPO train a LoRA adapter instead of every weight
-    add_cpu_devices_flag(p)
-    return p.parse_args(argv)
+from grpo_jax.lora import LoraConfig
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """Everything the run does, resolved from the preset and flags (written to OUTPUT_DIR/config.json)."""
 
-    preset: str
-    seed: int
-    teacher: str | None
-    student: str | None
-    num_prompts: int
-    samples: int
-    max_per_prompt: int
-    trace_max_new_tokens: int
-    sft_epochs: float
-    sft_batch_size: int
-    sft_learning_rate: float
-    lora: LoraConfig
+    preset: str = "default"
+    seed: int = 0
+    teacher: str | None = None
+    student: str | None = None
+    num_prompts: int = 2048
+    samples: int = 4
+    max_per_prompt: int = 4
+    trace_max_new_tokens: int = 64
+    sft_epochs: float = 3.0
+    sft_batch_size: int = 16
+    sft_learning_rate: float = 1e-3
+    lora: LoraConfig = LoraConfig()  # the student's SFT and GRPO train a LoRA adapter instead of every weight
+
+
+PRESETS = {
+    # The teacher is the R1-Zero default policy (0.29M parameters); the student is pretrained on the same
+    # corpus with 0.45x the parameters (demo_base.STUDENT_RECIPE).
+    "default": Plan(),
+    # The same path in about a minute: the demo base model as the teacher, a few problems, tiny budgets.
+    "smoke": Plan(preset="smoke", num_prompts=64, samples=8, max_per_prompt=2, sft_epochs=1.0, sft_batch_size=8),
+}
+# Per preset: the teacher when --teacher is not given, and the GRPO recipe (grpo_jax.presets.RECIPES) that
+# every evaluation and the student's GRPO use.
+DEFAULT_TEACHER = {"default": "r1zero", "smoke": "demo_base"}
+RECIPE = {"default": "default", "smoke": "small-default"}
+ROLES = ("teacher", "student_before", "student_after", "student_rl")
+HELP = {
+    "teacher": "a finished run's directory or a Hugging Face directory (default: the R1-Zero default policy for "
+               "--seed, trained and cached if needed)",
+    "student": "the student's base model: Hugging Face directory or a finished run's directory (default: the demo "
+               "student for --seed)",
+    "seed": "seeds the models, the data order and the sampling",
+    "num_prompts": "training problems to sample teacher traces for",
+    "samples": "k: traces sampled per problem",
+    "max_per_prompt": "distinct passing traces kept per problem",
+    "trace_max_new_tokens": "completion length limit of the teacher's traces",
+    "sft_epochs": "passes over the traces",
+    "sft_batch_size": "rows per SFT step",
+    "sft_learning_rate": "the SFT's learning rate",
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from grpo_jax import cli
+
+    preset = cli.preset_choice(argv, PRESETS)
+    command_line = cli.CommandLine(__doc__, usage="%(prog)s [--preset NAME] [--FLAG VALUE ...]")
+    command_line.add("preset", default="default", choices=sorted(PRESETS),
+                     help="a named plan; flags override it, and --help shows its values (default: default)")
+    command_line.add_config(PRESETS[preset], skip=("preset",), help=HELP)
+    command_line.add("output_dir", default="runs/distill", help="where the stages' runs and summary.json go "
+                     "(default: runs/distill)")
+    command_line.add("overwrite", action="store_true", default=False,
+                     help="replace a distillation run with another config")
+    cli.add_runtime_flags(command_line, multi_host=False)
+    return command_line.parse(argv)
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
-    from grpo_jax.lora import lora_config_from_args
+    from grpo_jax.presets import with_edits
 
-    preset = PRESETS[args.preset]
-    pick = lambda name: getattr(args, name) if getattr(args, name) is not None else preset[name]  # noqa: E731
-    return Plan(preset=args.preset, seed=args.seed, teacher=args.teacher, student=args.student,
-                num_prompts=pick("num_prompts"), samples=pick("samples"), max_per_prompt=pick("max_per_prompt"),
-                trace_max_new_tokens=preset["trace_max_new_tokens"], sft_epochs=pick("sft_epochs"), sft_batch_size=preset["sft_batch_size"],
-                sft_learning_rate=preset["sft_learning_rate"], lora=lora_config_from_args(args))
+    return with_edits(PRESETS[args.preset], args.edits)
 
 
 # ---------------------------------------------------------------------------------------------- the R1-Zero recipe
 
 
-def r1zero_config(plan: Plan, *flags: str):
-    """The R1-Zero preset's TrainConfig with `flags` (r1zero.py's command line): one recipe, one protocol."""
-    return r1zero.config_for("default", plan.seed, *PRESETS[plan.preset]["r1zero_flags"], *flags)
+def r1zero_config(plan: Plan, model: str):
+    """The preset's GRPO recipe for `model`: one recipe, one protocol, for every model of the comparison."""
+    from grpo_jax.presets import RECIPES, preset_config
+
+    return preset_config(RECIPES[RECIPE[plan.preset]], plan.seed, model)
 
 
 def teacher_path(plan: Plan) -> str:
     """The teacher model directory: --teacher, else the demo's (training the R1-Zero default once if needed)."""
     from grpo_jax.demo_base import demo_model_path
+    from grpo_jax.presets import CACHE_DIR, PRESETS, preset_config
     from grpo_jax.runs import FINAL_DIR, resolve_init
+    from grpo_jax.trainer import train
 
     if plan.teacher:
         return resolve_init(plan.teacher)
-    if PRESETS[plan.preset]["teacher"] == "demo_base":
-        return demo_model_path("demo_base", plan.seed, os.path.join(r1zero.CACHE_DIR, "demo"))
-    run_dir = os.path.join(r1zero.CACHE_DIR, f"r1zero_default_seed{plan.seed}")
+    if DEFAULT_TEACHER[plan.preset] == "demo_base":
+        return demo_model_path("demo_base", plan.seed, os.path.join(CACHE_DIR, "demo"))
+    run_dir = os.path.join(CACHE_DIR, f"r1zero_default_seed{plan.seed}")
     if not os.path.exists(os.path.join(run_dir, FINAL_DIR, "config.json")):
         print(f"teacher: training the R1-Zero default policy for seed {plan.seed} into {run_dir} (once)")
-        r1zero.run(r1zero.parse_args(["--seed", str(plan.seed), "--output_dir", run_dir]))
+        train(preset_config(PRESETS["default"], plan.seed, edits={"output_dir": run_dir}))
     return resolve_init(run_dir)
 
 
 def student_path(plan: Plan) -> str:
     from grpo_jax.demo_base import demo_model_path
+    from grpo_jax.presets import CACHE_DIR
     from grpo_jax.runs import resolve_init
 
     if plan.student:
         return resolve_init(plan.student)
-    return demo_model_path("demo_student", plan.seed, os.path.join(r1zero.CACHE_DIR, "demo"))
+    return demo_model_path("demo_student", plan.seed, os.path.join(CACHE_DIR, "demo"))
 
 
 def evaluate_model(plan: Plan, model: str) -> dict:
     from grpo_jax.trainer import evaluate_checkpoint
 
-    return evaluate_checkpoint(r1zero_config(plan, "--model", model))
+    return evaluate_checkpoint(r1zero_config(plan, model))
 
 
 # ---------------------------------------------------------------------------------------------- stages
@@ -144,7 +149,7 @@ def sample_traces(plan: Plan, teacher: str, out_path: str) -> dict:
 
     rejection = RejectionConfig(num_samples=plan.samples, max_new_tokens=plan.trace_max_new_tokens,
                                 max_per_prompt=plan.max_per_prompt, seed=plan.seed, batch_size=128)
-    records = write_teacher_traces(r1zero_config(plan, "--model", teacher), out_path, rejection, plan.num_prompts)
+    records = write_teacher_traces(r1zero_config(plan, teacher), out_path, rejection, plan.num_prompts)
     return trace_stats(records, plan.num_prompts, plan.samples)
 
 
@@ -159,10 +164,9 @@ def distill_student(plan: Plan, student: str, traces: str, out_dir: str) -> dict
 def grpo_step_flops(config, num_params: int, prompt_width: int) -> float:
     """Model FLOPs of one GRPO step (2N per token forward, 6N forward + backward; attention left out):
     the rollout's prefill and decode, the reference forward (beta > 0) and the policy's forward + backward."""
-    rows = config.prompts_per_step * config.group_size
-    rollout_tokens = config.prompts_per_step * prompt_width + rows * config.max_new_tokens
-    update_tokens = rows * (prompt_width + config.max_new_tokens)
-    passes = 6 * config.grpo.num_iterations + (2 if config.grpo.beta > 0 else 0)
+    rollout_tokens = config.prompts_per_step * prompt_width + config.rows_per_step * config.max_new_tokens
+    update_tokens = config.rows_per_step * (prompt_width + config.max_new_tokens)
+    passes = 6 * config.grpo.num_iterations + (2 if config.grpo.needs_reference else 0)
     return 2 * num_params * rollout_tokens + passes * num_params * update_tokens
 
 
@@ -172,7 +176,7 @@ def rl_steps_for_budget(plan: Plan, student: str, sft_summary: dict) -> dict:
     from grpo_jax.models import load_tokenizer
     from grpo_jax.trainer import prompt_width
 
-    config = r1zero_config(plan, "--model", student)
+    config = r1zero_config(plan, student)
     task = load_task(config.task, seed=config.seed, num_eval=config.num_eval)
     width = prompt_width(config, task, load_tokenizer(student))
     num_params = sft_summary["num_params"]
@@ -185,10 +189,7 @@ def rl_steps_for_budget(plan: Plan, student: str, sft_summary: dict) -> dict:
 def train_student_rl(plan: Plan, student: str, steps: int, out_dir: str) -> dict:
     from grpo_jax.trainer import train
 
-    lora = plan.lora
-    lora_flags = ("--lora_rank", str(lora.rank), "--lora_alpha", str(lora.alpha), "--lora_targets",
-                  ",".join(lora.targets), "--lora_dropout", str(lora.dropout))
-    return train(r1zero_config(plan, "--model", student, "--steps", str(steps), "--output_dir", out_dir, *lora_flags))
+    return train(dataclasses.replace(r1zero_config(plan, student), steps=steps, output_dir=out_dir, lora=plan.lora))
 
 
 # ---------------------------------------------------------------------------------------------- the run

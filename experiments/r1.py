@@ -12,7 +12,7 @@
     python experiments/r1.py --preset smollm2     # SmolLM2-135M-Instruct: stages 1-2 (cold start, RL)
     python experiments/r1.py --preset smollm2 --task gsm8k --data DIR   # GSM8K-format word problems
     python experiments/r1.py --model PATH --cold_start traces.jsonl --output_dir runs/r1
-    python experiments/r1.py --preset smollm2 --rl_steps 40 --group_size 16   # other flags go to r1zero.py
+    python experiments/r1.py --preset smollm2 --rl_steps 40 --group_size 16   # GRPO flags go to every GRPO stage
 
 Every stage writes its own run directory under OUTPUT_DIR (a rerun resumes); summary.json and
 summary.png compare the stages' models with the R1 protocol on held-out problems. The smollm2 preset
@@ -23,45 +23,75 @@ also asks the base and the final model a few general questions, greedily in the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import time
 
-import r1zero  # experiments/r1zero.py: the R1-Zero recipe (and evaluation protocol) of every stage
-from distill import SMOKE_FLAGS
+from grpo_jax.data.arithmetic import WORKED_METHODS
+from grpo_jax.sft_trainer import SFTRunConfig
 
-# SmolLM2's ChatML turn with a one-line instruction, without the default system prompt: 37 prompt tokens
-# instead of the tokenizer template's 100 (every SFT and GRPO token costs on 2 CPU cores).
-SMOLLM2_TEMPLATE = ("<|im_start|>user\n{prompt}\nReason in <think> </think>, then answer in <answer> </answer>."
-                    "<|im_end|>\n<|im_start|>assistant\n")
+SFT_DEFAULTS = SFTRunConfig(model="", data="")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The pipeline's own settings; every GRPO stage and evaluation uses the preset's GRPO recipe
+    (grpo_jax.presets.RECIPES) with the GRPO flags given."""
+
+    recipe: str = "default"
+    model: str | None = None  # the base model (default: the recipe's)
+    cold_start: str | None = None  # JSONL traces instead of the arithmetic task's worked solutions
+    cold_start_examples: int = 256
+    cold_start_method: str = "columns"
+    sft_epochs: float = SFT_DEFAULTS.epochs
+    sft_learning_rate: float = SFT_DEFAULTS.learning_rate
+    sft_batch_size: int = 16
+    rl_steps: int = 40
+    num_prompts: int = 512  # training problems the RL policy samples traces for (stage 3)
+    samples: int = 8  # traces per problem
+    trace_max_new_tokens: int = 64  # completion length limit of those traces
+    stages: int = 5  # 2: cold start and RL only
+    chat_check: bool = False  # ask the base and the final model general questions
+
+    def __post_init__(self):
+        if self.cold_start_method not in WORKED_METHODS:
+            raise ValueError(f"cold_start_method must be one of {', '.join(WORKED_METHODS)}, got "
+                             f"{self.cold_start_method!r}")
+
+
+# The smollm2 presets run stages 1-2. Chain solutions (47+85=132. 132+19=151.): after the same SFT, GRPO's
+# samples at T 1 were right about 60% of the time, against about 12% for column additions.
+SMOLLM2 = Plan(recipe="smollm2-r1", stages=2, chat_check=True, cold_start_examples=768, cold_start_method="chain",
+               sft_batch_size=8, sft_epochs=1.0, sft_learning_rate=1e-4, rl_steps=15)
 PRESETS = {
-    "default": dict(r1zero_preset="default", r1zero_flags=(), cold_start_examples=256, rl_steps=40, num_prompts=512,
-                    samples=8, sft_batch_size=16),
-    "smoke": dict(r1zero_preset="default", r1zero_flags=SMOKE_FLAGS, cold_start_examples=64, rl_steps=2,
-                  num_prompts=32, samples=4, sft_batch_size=8),
-    # SmolLM2-135M-Instruct: cold start then reasoning RL (stages 1-2); measurements in docs/smollm2.md. Chain
-    # solutions (47+85=132. 132+19=151.): after the same SFT, GRPO's samples at T 1 were right about 60% of the
-    # time, against about 12% for column additions.
-    # The update runs 16 rows at a time: with all 64 rows at once the first GRPO step took the process from
-    # 7.5 GB to 17.5 GB (log-softmax over a 49,152-token vocabulary).
-    "smollm2": dict(
-        r1zero_preset="smollm2", stages=2, chat_check=True, cold_start_examples=768, cold_start_method="chain",
-        sft_batch_size=8, sft_epochs=1.0, sft_learning_rate=1e-4, rl_steps=15,
-        r1zero_flags=("--template", SMOLLM2_TEMPLATE, "--prompts_per_step", "8", "--group_size", "8",
-                      "--max_new_tokens", "64", "--learning_rate", "5e-6", "--beta", "0", "--temperature", "1.0",
-                      "--num_eval", "200", "--eval_samples", "4", "--eval_max_new_tokens", "64",
-                      "--save_every", "10", "--num_microbatches", "4"),
-    ),
+    "default": Plan(),
+    # The same path in a few minutes.
+    "smoke": Plan(recipe="small-default", cold_start_examples=64, rl_steps=2, num_prompts=32, samples=4,
+                  sft_batch_size=8),
+    # SmolLM2-135M-Instruct: cold start then reasoning RL; measurements in docs/smollm2.md.
+    "smollm2": SMOLLM2,
     # The same path in a few minutes (the CI smoke test; 2.5 min on a busy 2-core machine): a step of each stage.
-    "smollm2-smoke": dict(
-        r1zero_preset="smollm2", stages=2, chat_check=True, cold_start_examples=8, cold_start_method="chain",
-        sft_batch_size=4, sft_epochs=1.0, sft_learning_rate=1e-4, rl_steps=1,
-        r1zero_flags=("--template", SMOLLM2_TEMPLATE, "--prompts_per_step", "2", "--group_size", "2",
-                      "--max_new_tokens", "8", "--num_eval", "2", "--eval_samples", "1",
-                      "--eval_max_new_tokens", "8"),
-    ),
+    "smollm2-smoke": dataclasses.replace(SMOLLM2, recipe="smollm2-r1-smoke", cold_start_examples=8, sft_batch_size=4,
+                                         rl_steps=1),
 }
-PRESET_KEYS = ("cold_start_examples", "cold_start_method", "sft_epochs", "sft_learning_rate", "sft_batch_size",
-               "rl_steps")
+HELP = {
+    "model": "the base model",
+    "cold_start": "JSONL of cold-start traces with prompt/completion (or question/completion) text",
+    "cold_start_examples": "worked solutions in the cold start",
+    "cold_start_method": "the arithmetic cold start's worked solutions: columns (column addition) or chain (one "
+                         "operation at a time)",
+    "sft_epochs": "passes of each SFT stage over its traces",
+    "sft_learning_rate": "the SFT stages' learning rate",
+    "sft_batch_size": "rows per SFT step",
+    "rl_steps": "GRPO steps of each RL stage",
+    "num_prompts": "training problems the RL policy samples traces for (stage 3)",
+    "samples": "traces sampled per problem (stage 3)",
+    "trace_max_new_tokens": "completion length limit of those traces",
+    "stages": "5: the whole pipeline; 2: cold start and RL only",
+    "chat_check": "ask the base and the final model a few general questions",
+}
+# The GRPO recipe's fields that the pipeline sets itself, per stage.
+STAGE_FIELDS = ("model", "output_dir", "steps", "seed")
 # General questions and the words a right answer contains (any of them, case-insensitive).
 CHAT_QUESTIONS = (
     ("How many days are there in a week?", ("7", "seven")),
@@ -72,25 +102,26 @@ CHAT_QUESTIONS = (
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from grpo_jax.data.arithmetic import WORKED_METHODS
-    from grpo_jax.sharding import add_cpu_devices_flag
+    """The pipeline's flags (`args.plan`), and the GRPO recipe's (`args.edits`, with the preset's recipe values
+    as their defaults)."""
+    from grpo_jax import cli
+    from grpo_jax.presets import RECIPES, with_edits
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Other flags (--task, --data, --learning_rate, ...) go to every stage's "
-                                       "r1zero.py recipe, after the preset's.")
-    p.add_argument("--preset", default="default", choices=sorted(PRESETS))
-    p.add_argument("--model", help="the base model (default: the preset's base model)")
-    p.add_argument("--cold_start", help="JSONL of cold-start traces with prompt/completion (or question/completion) text")
-    p.add_argument("--output_dir", default="runs/r1")
-    p.add_argument("--seed", type=int, default=0)
-    r1zero.add_reward_flags(p)
-    p.add_argument("--cold_start_method", choices=WORKED_METHODS,
-                   help="the arithmetic cold start's worked solutions: column addition or one operation at a time")
-    for name, kind in (("cold_start_examples", int), ("sft_epochs", float), ("sft_learning_rate", float),
-                       ("sft_batch_size", int), ("rl_steps", int)):
-        p.add_argument(f"--{name}", type=kind, help="overrides the preset's")
-    add_cpu_devices_flag(p)
-    args, args.r1zero_flags = p.parse_known_args(argv)  # the rest go to every stage's r1zero.py recipe
+    preset = cli.preset_choice(argv, PRESETS)
+    command_line = cli.CommandLine(__doc__, usage="%(prog)s [--preset NAME] [--FLAG VALUE ...]")
+    command_line.add("preset", default="default", choices=sorted(PRESETS),
+                     help="a named pipeline; flags override it, and --help shows its values (default: default)")
+    command_line.add("seed", type=int, default=0,
+                     help="seeds the models, the data order and the sampling (default: 0)")
+    command_line.add("output_dir", default="runs/r1",
+                     help="each stage's run directory goes under it (default: runs/r1)")
+    command_line.add_config(PRESETS[preset], skip=("recipe",), help=HELP)
+    plan_paths = [flag.path for flag in command_line.flags]
+    command_line.add_config(RECIPES[PRESETS[preset].recipe].config, skip=STAGE_FIELDS)
+    cli.add_runtime_flags(command_line, multi_host=False)
+    args = command_line.parse(argv)
+    plan_edits = {path: args.edits.pop(path) for path in plan_paths if path in args.edits}
+    args.plan = with_edits(PRESETS[args.preset], plan_edits)
     return args
 
 
@@ -144,47 +175,45 @@ def chat_check(config, questions=CHAT_QUESTIONS, max_new_tokens: int = 32) -> li
 
 def run(args: argparse.Namespace) -> dict:
     from grpo_jax.metrics import plot_comparison
+    from grpo_jax.presets import RECIPES, preset_config
     from grpo_jax.rejection import RejectionConfig, trace_stats, write_teacher_traces
     from grpo_jax.runs import write_json
-    from grpo_jax.sft_trainer import SFTRunConfig, run_sft
+    from grpo_jax.sft_trainer import run_sft
     from grpo_jax.sharding import use_cpu_devices
     from grpo_jax.trainer import evaluate_checkpoint, train
 
     started = time.perf_counter()
     use_cpu_devices(args.cpu_devices)
-    preset = {**PRESETS[args.preset], **{k: v for k, v in vars(args).items() if k in PRESET_KEYS and v is not None}}
+    plan = args.plan
     out = lambda name: os.path.join(args.output_dir, name)  # noqa: E731
-    flags = (*preset["r1zero_flags"], *r1zero.reward_flags(args), *args.r1zero_flags)  # every GRPO stage's recipe
-    recipe = lambda *more: r1zero.config_for(preset["r1zero_preset"], args.seed, *flags, *more)  # noqa: E731
-    base = args.model or recipe().model
+    recipe = preset_config(RECIPES[plan.recipe], args.seed, plan.model, args.edits)  # every GRPO stage's
+    base = recipe.model
+    on = lambda model: dataclasses.replace(recipe, model=model)  # noqa: E731
+    stage = lambda model, name: dataclasses.replace(recipe, model=model, steps=plan.rl_steps,  # noqa: E731
+                                                    output_dir=out(name))
     os.makedirs(args.output_dir, exist_ok=True)
 
-    cold_start = args.cold_start or cold_start_traces(recipe("--model", base), preset["cold_start_examples"],
-                                                      out("cold_start_traces.jsonl"),
-                                                      preset.get("cold_start_method", "columns"))
-    sft_config = lambda data, name: SFTRunConfig(  # noqa: E731
-        model=base, data=data, output_dir=out(name), batch_size=preset["sft_batch_size"], seed=args.seed,
-        epochs=preset.get("sft_epochs", 2.0), learning_rate=preset.get("sft_learning_rate", 1e-3))
+    cold_start = plan.cold_start or cold_start_traces(recipe, plan.cold_start_examples, out("cold_start_traces.jsonl"),
+                                                      plan.cold_start_method)
+    sft_config = lambda data, name: dataclasses.replace(  # noqa: E731
+        SFT_DEFAULTS, model=base, data=data, output_dir=out(name), batch_size=plan.sft_batch_size, seed=args.seed,
+        epochs=plan.sft_epochs, learning_rate=plan.sft_learning_rate)
     cold = run_sft(sft_config(cold_start, "1_cold_start"))
-    rl1 = train(recipe("--init_from", out("1_cold_start"), "--steps", str(preset["rl_steps"]),
-                       "--output_dir", out("2_reasoning_rl")))
-    results = {"base": evaluate_checkpoint(recipe("--model", base)), "1_cold_start": rl1["eval_before"],
+    rl1 = train(stage(out("1_cold_start"), "2_reasoning_rl"))
+    results = {"base": evaluate_checkpoint(recipe), "1_cold_start": rl1["eval_before"],
                "2_reasoning_rl": rl1["eval_after"]}
     summary = {"sft_steps": cold["steps"]}
     final = "2_reasoning_rl"
-    if preset.get("stages", 5) == 5:
-        rejection = RejectionConfig(num_samples=preset["samples"], max_new_tokens=64, seed=args.seed)
-        records = write_teacher_traces(recipe("--model", out("2_reasoning_rl")), out("3_traces.jsonl"), rejection,
-                                       preset["num_prompts"])
+    if plan.stages == 5:
+        rejection = RejectionConfig(num_samples=plan.samples, max_new_tokens=plan.trace_max_new_tokens, seed=args.seed)
+        records = write_teacher_traces(on(out("2_reasoning_rl")), out("3_traces.jsonl"), rejection, plan.num_prompts)
         sft = run_sft(sft_config(out("3_traces.jsonl"), "4_sft"))
-        rl2 = train(recipe("--init_from", out("4_sft"), "--steps", str(preset["rl_steps"]),
-                           "--output_dir", out("5_rl")))
+        rl2 = train(stage(out("4_sft"), "5_rl"))
         results.update({"4_sft": rl2["eval_before"], "5_rl": rl2["eval_after"]})
-        summary = {"traces": trace_stats(records, preset["num_prompts"], preset["samples"]), "sft_steps": sft["steps"]}
+        summary = {"traces": trace_stats(records, plan.num_prompts, plan.samples), "sft_steps": sft["steps"]}
         final = "5_rl"
-    if preset.get("chat_check"):
-        summary["chat_check"] = {"base": chat_check(recipe("--model", base)),
-                                 final: chat_check(recipe("--model", out(final)))}
+    if plan.chat_check:
+        summary["chat_check"] = {"base": chat_check(recipe), final: chat_check(on(out(final)))}
     summary = {**results, **summary, "wall_s": time.perf_counter() - started}
     write_json(out("summary.json"), summary)
     plot_comparison(results, ("pass@1", "format_rate", "accuracy_any_format"), out("summary.png"),

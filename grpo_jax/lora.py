@@ -96,8 +96,8 @@ def parse_targets(text: str) -> tuple[str, ...]:
 
 
 def add_lora_flags(parser) -> None:
-    """The scripts' --lora_rank, --lora_alpha, --lora_targets, --lora_dropout, --lora_rollout (unset flags
-    take a preset's value or LoraConfig's default, see `lora_config_from_args`)."""
+    """--lora_rank, --lora_alpha, --lora_targets, --lora_dropout, --lora_rollout for a hand-written argparse
+    parser (experiments/benchmark.py); unset flags take LoraConfig's defaults (`lora_config_from_args`)."""
     parser.add_argument("--lora_rank", type=int, help="LoRA rank r; 0 = full fine-tune (the default)")
     parser.add_argument("--lora_alpha", type=float, help="LoRA alpha: the update is scaled by alpha/r (default 16)")
     parser.add_argument("--lora_targets",
@@ -109,12 +109,11 @@ def add_lora_flags(parser) -> None:
                              "the weights while sampling) or applied at every decode step (no copy)")
 
 
-def lora_config_from_args(args, preset: dict | None = None) -> LoraConfig:
-    """The LoraConfig of `add_lora_flags`' flags; a flag left unset takes `preset`'s value (keys lora_rank, ...),
-    else the default."""
+def lora_config_from_args(args) -> LoraConfig:
+    """The LoraConfig of `add_lora_flags`' flags; a flag left unset takes the default."""
     def pick(name, default):
         value = getattr(args, name)
-        return value if value is not None else (preset or {}).get(name, default)
+        return value if value is not None else default
 
     defaults = LoraConfig()
     return LoraConfig(rank=pick("lora_rank", defaults.rank), alpha=pick("lora_alpha", defaults.alpha),

@@ -324,10 +324,10 @@ def grpo_loss(
     advantages: jax.Array,
     mask: jax.Array,
     *,
+    beta: float,  # no default: GRPOConfig.beta owns it
     loss_type: str = "grpo",
     epsilon_low: float = 0.2,
     epsilon_high: float = 0.2,
-    beta: float = 0.04,
     max_completion_length: int | None = None,
     kl_bias_correction: bool = False,
     importance_sampling_level: str = "token",

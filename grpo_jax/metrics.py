@@ -6,6 +6,7 @@ import json
 import math
 import os
 
+import jax
 import numpy as np
 
 # What the end-of-run figure shows, in this order: (metric key, panel title).
@@ -61,6 +62,15 @@ class MetricsWriter:
             self._tb.close()
 
 
+def log_evaluation(label: str, metrics: dict | None) -> None:
+    """One line of an evaluation's headline metrics, labelled ("before training"), on the main process."""
+    if metrics is None or jax.process_index() != 0:
+        return
+    shown = [f"{k} {metrics[k]:.3f}" for k in ("pass@1", "format_rate", "accuracy_any_format", "greedy_accuracy")
+             if metrics.get(k) is not None]
+    print(f"eval {label}: {', '.join(shown)}", flush=True)
+
+
 def read_metrics(path: str) -> list[dict]:
     """The records of a metrics.jsonl, one per step (the last record wins for a step logged twice)."""
     by_step: dict[int, dict] = {}
@@ -83,28 +93,69 @@ def pyplot():
 
 
 def plot_metrics(metrics_path: str, out_png: str, panels=PLOT_PANELS) -> str:
-    """A grid of the training curves (reward, accuracy, format, length, KL, loss) as one PNG."""
+    """A grid of the training curves (reward, accuracy, format, length, KL, loss) as one PNG. When the run's
+    directory holds its config.json and summary.json (a finished GRPO run), the figure gets a title, the
+    evaluations before and after training are marked on the accuracy panel, and a note says why they differ
+    from the training accuracy."""
     plt = pyplot()
 
+    run_dir = os.path.dirname(metrics_path)
+    config, summary = (_read_json_if_exists(os.path.join(run_dir, name)) for name in ("config.json", "summary.json"))
     records = read_metrics(metrics_path)
     panels = [(key, title) for key, title in panels if any(r.get(key) is not None for r in records)]
     cols = 3
     rows = max(1, math.ceil(len(panels) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows + 0.6), squeeze=False)
     for ax, (key, title) in zip(axes.flat, panels):
         points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
         steps, values = zip(*points)
         ax.plot(steps, values, lw=1, alpha=0.4, color="C0")
-        ax.plot(steps, _smooth(values), lw=2, color="C0")
+        ax.plot(steps, _smooth(values), lw=2, color="C0", label="training rollouts")
+        if key == "accuracy":
+            _mark_evaluations(ax, summary, last_step=steps[-1])
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    fig.tight_layout()
+    if config and "grpo" in config:
+        model = os.path.basename(os.path.normpath(str(config["model"])))
+        fig.suptitle(f"GRPO on {config['task']}: {model}, seed {config['seed']}")
+        if summary and summary.get("eval_after"):
+            # Training accuracy and eval pass@1 sample differently: the same policy scores lower at T 1.0.
+            train_t, evaluation = config["grpo"]["temperature"], config["eval"]
+            fig.text(0.5, 0.01, f"Training accuracy is the rollouts' (sampled at temperature {train_t}); eval pass@1 "
+                     f"samples at temperature {evaluation['temperature']}, top-p {evaluation['top_p']}, on held-out "
+                     "problems, so it differs from the training curve.", ha="center", va="bottom", fontsize=8)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
     return out_png
+
+
+def _mark_evaluations(ax, summary: dict | None, last_step: int) -> None:
+    """The evaluation before training (at step 0) and after it (at the last step) as labelled markers."""
+    for label, key, step in (("before", "eval_before", 0), ("after", "eval_after", last_step)):
+        value = ((summary or {}).get(key) or {}).get("pass@1")
+        if value is not None:
+            ax.plot([step], [value], marker="D", color="C3", ls="none")
+            ax.annotate(f"eval {label}: {value:.2f}", (step, value), textcoords="offset points", xytext=(4, 6),
+                        fontsize=7, color="C3")
+
+
+def _read_json_if_exists(path: str) -> dict | None:
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def completion_length_change(metrics_path: str) -> tuple[float, float] | None:
+    """The rollouts' mean completion length at the first logged step and at the last, in tokens."""
+    if not os.path.exists(metrics_path):
+        return None
+    lengths = [r["completion_length/mean"] for r in read_metrics(metrics_path) if r.get("completion_length/mean")]
+    return (lengths[0], lengths[-1]) if lengths else None
 
 
 def _smooth(values, window: int = 10):

@@ -211,3 +211,15 @@ def write_json(path: str, value: dict) -> None:
     if is_main_process():
         with open(path, "w") as f:
             json.dump(value, f, indent=2)
+
+
+def finished_run_summary(output_dir: str, config: dict, steps: int, resumable: Sequence[str] = ()) -> dict | None:
+    """The summary.json of the run in OUTPUT_DIR when it is this config's run and has trained `steps` steps
+    (a rerun would only evaluate it again); else None."""
+    summary_path, config_path = (os.path.join(output_dir, name) for name in ("summary.json", "config.json"))
+    if not (os.path.exists(summary_path) and os.path.exists(config_path)):
+        return None
+    if config_differences(read_json(config_path), config, resumable):
+        return None
+    summary = read_json(summary_path)
+    return summary if summary.get("steps", 0) >= steps else None

@@ -36,7 +36,7 @@ from grpo_jax.grpo import (
     mask_truncated_completions,
     overlong_penalty,
 )
-from grpo_jax.metrics import MetricsWriter, plot_metrics
+from grpo_jax.metrics import MetricsWriter, log_evaluation, plot_metrics
 from grpo_jax.optim import OptimizerConfig, make_optimizer
 from grpo_jax.rollout import (
     SamplingConfig,
@@ -102,7 +102,6 @@ class TrainConfig:
     max_prompt_len: int = 256
     truncate_prompts: bool = True
     max_new_tokens: int = 64
-    temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
     dtype: str = "float32"
@@ -136,21 +135,26 @@ class TrainConfig:
             raise ValueError(f"max_zero_reward_steps ({self.max_zero_reward_steps}) and resume_step "
                              f"({self.resume_step}) must be >= 0")
         check_finite(self.to_dict())
-        if not (self.temperature >= 0 and 0 < self.top_p <= 1):
-            raise ValueError(f"temperature must be >= 0 and top_p in (0, 1]; got {self.temperature} and {self.top_p}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
         for spec in self.reward_funcs or ():
             reward_lib.get_reward_fn(spec)  # an unknown name or an unimportable path fails here, before any work
-        if self.grpo.temperature != (self.temperature or 1.0):
-            raise ValueError(
-                f"grpo.temperature ({self.grpo.temperature}) must equal the sampling temperature ({self.temperature}): "
-                "training log-probs must use the distribution the samples came from"
-            )
-
         if self.lora.enabled and self.ref_refresh_every:
             raise ValueError("ref_refresh_every needs a full fine-tune: with LoRA the reference is the frozen base "
                              "model (the adapter switched off); drop --ref_refresh_every or --lora_rank")
+
+    @property
+    def temperature(self) -> float:
+        """The rollouts' sampling temperature: GRPOConfig's, since the training log-probs must use the
+        distribution the samples came from."""
+        return self.grpo.temperature
+
+    @property
+    def rows_per_step(self) -> int:
+        """Completions per GRPO step: every prompt's group."""
+        return self.prompts_per_step * self.group_size
 
     def to_dict(self) -> dict:
         # Reward functions are recorded by name or import path (a callable may not even be copyable).
@@ -404,6 +408,7 @@ class Trainer:
             else:
                 eval_before = self.evaluate()
                 write_json(before_path, eval_before)
+            log_evaluation("before training", eval_before)
         guard = CollapseGuard(cfg.max_consecutive_skips, cfg.max_zero_reward_steps)
         bar = tqdm(total=cfg.steps, initial=self.step, desc="GRPO", disable=not is_main_process())
         with sigterm_caught(self._on_sigterm), bar:  # training and its last save finish the step they are in
@@ -429,6 +434,7 @@ class Trainer:
         if self._preempted:
             raise Preempted(self.step, self.checkpointer.directory)
         eval_after = self.evaluate() if self.task.eval else None
+        log_evaluation("after training", eval_after)
         self.export(os.path.join(cfg.output_dir, FINAL_DIR))
         summary = {
             "eval_before": eval_before,

@@ -353,15 +353,15 @@ def test_bad_advantage_inputs(call, match):
 def test_bad_loss_inputs():
     x, adv, mask = jnp.zeros((2, 3)), jnp.zeros(2), jnp.ones((2, 3))
     with pytest.raises(ValueError, match="unknown loss_type 'ppo'"):
-        grpo_loss(x, None, x, adv, mask, loss_type="ppo")
+        grpo_loss(x, None, x, adv, mask, beta=0.0, loss_type="ppo")
     with pytest.raises(ValueError, match="old_logps has shape"):
-        grpo_loss(x, jnp.zeros((2, 4)), x, adv, mask)
+        grpo_loss(x, jnp.zeros((2, 4)), x, adv, mask, beta=0.0)
     with pytest.raises(ValueError, match="advantages must be"):
-        grpo_loss(x, None, x, jnp.zeros(3), mask)
+        grpo_loss(x, None, x, jnp.zeros(3), mask, beta=0.0)
     with pytest.raises(ValueError, match="needs ref_logps"):
         grpo_loss(x, None, None, adv, mask, beta=0.04)
     with pytest.raises(ValueError, match="importance_sampling_level"):
-        grpo_loss(x, None, x, adv, mask, importance_sampling_level="batch")
+        grpo_loss(x, None, x, adv, mask, beta=0.0, importance_sampling_level="batch")
 
 
 @pytest.mark.parametrize(

@@ -37,6 +37,12 @@ def run_smoke(output_dir, cache_dir, *extra, devices=8, wait=True, env_extra=Non
     return out
 
 
+def config_for(preset, seed, *flags):
+    """The TrainConfig that `r1zero.py --preset PRESET --seed SEED FLAGS...` runs."""
+    r1zero = experiment_scripts.load("r1zero")
+    return r1zero.build_config(r1zero.parse_args(["--preset", preset, "--seed", str(seed), *flags]))
+
+
 def read_jsonl(path):
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -71,6 +77,19 @@ def test_smoke_preset_writes_everything(smoke_run):
     assert (out_dir / "training_curves.png").stat().st_size > 10_000
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(out_dir / "tensorboard"))
     assert "pass@1" in log and "before" in log
+    # What the run says: a banner, the evaluations labelled, the table with the completion length, where things are.
+    assert log.startswith("GRPO on ") and "4 steps of 32 completions" in log and f"output: {out_dir}" in log
+    assert "eval before training: pass@1" in log and "eval after training: pass@1" in log
+    assert "completion length (tok)" in log
+    assert f"plot:        {out_dir}/training_curves.png" in log and f"final model: {out_dir}/final" in log
+    assert "PyTorch was not found" not in log
+
+
+def test_rerunning_a_finished_run_says_it_is_complete_and_how_to_start_another(smoke_run, cache_dir):
+    out_dir, _ = smoke_run
+    log = run_smoke(out_dir, cache_dir, "--steps", "4")
+    assert f"{out_dir} holds this run, already complete (4 steps)" in log
+    assert "another --output_dir" in log and "pass@1" in log and "GRPO:" not in log
 
 
 @pytest.mark.slow
@@ -250,7 +269,8 @@ def test_damaged_checkpoint_of_a_moved_run_is_one_line_with_the_steps(smoke_run,
     shutil.copytree(smoke_run[0], moved)  # a moved run is the same run: resumed, not "output_dir differ"
     steps = sorted(int(d) for d in os.listdir(moved / "checkpoints") if d.isdigit())
     shutil.rmtree(moved / "checkpoints" / "4" / "state" / "d")
-    proc = subprocess.run([sys.executable, SCRIPT, "--preset", "smoke", "--output_dir", f"{moved}/", "--steps", "4"],
+    # Trained on (a finished run is not restored, only reported): the restore of step 4 meets the damage.
+    proc = subprocess.run([sys.executable, SCRIPT, "--preset", "smoke", "--output_dir", f"{moved}/", "--steps", "5"],
                           env=dict(os.environ, GRPO_JAX_CACHE=str(cache_dir)), capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode != 0
@@ -330,39 +350,37 @@ def test_two_processes_log_the_same_step_1_loss_as_one(smoke_run, cache_dir, tmp
 
 def test_tpu_presets_accumulate_gradients_over_micro_batches(tmp_path):
     """Their 1,024 / 2,048 rows per step would not fit a pod's memory in one forward + backward."""
-    r1zero = experiment_scripts.load("r1zero")
     flags = ("--model", "/models/Qwen2.5", "--data", str(tmp_path))
     for preset, microbatches in (("tpu-qwen2.5-0.5b", 8), ("tpu-qwen2.5-7b", 16)):
-        config = r1zero.config_for(preset, 0, *flags)
+        config = config_for(preset, 0, *flags)
         assert config.grpo.num_microbatches == microbatches
-        assert config.prompts_per_step * config.group_size // microbatches == 128
-    assert r1zero.config_for("tpu-qwen2.5-0.5b", 0, *flags, "--num_microbatches", "2").grpo.num_microbatches == 2
-    assert r1zero.config_for("smoke", 0).grpo.num_microbatches == 1
+        assert config.rows_per_step // microbatches == 128
+    assert config_for("tpu-qwen2.5-0.5b", 0, *flags, "--num_microbatches", "2").grpo.num_microbatches == 2
+    assert config_for("smoke", 0).grpo.num_microbatches == 1
     with pytest.raises(ValueError, match="num_microbatches must be >= 1"):
-        r1zero.config_for("smoke", 0, "--num_microbatches", "0")
+        config_for("smoke", 0, "--num_microbatches", "0")
 
 
 def test_lora_tpu_preset_trains_an_adapter_on_a_bfloat16_base_and_flags_override_it(tmp_path):
-    r1zero = experiment_scripts.load("r1zero")
     flags = ("--model", "/models/Qwen2.5-7B", "--data", str(tmp_path))
-    config = r1zero.config_for("tpu-qwen2.5-7b-lora", 0, *flags)
+    config = config_for("tpu-qwen2.5-7b-lora", 0, *flags)
     assert (config.lora.rank, config.lora.merged_rollout, config.dtype, config.remat) == (16, False, "bfloat16", True)
-    assert config.prompts_per_step * config.group_size // config.grpo.num_microbatches == 4  # a row per v5e chip
-    assert r1zero.config_for("tpu-qwen2.5-7b-lora", 0, *flags, "--lora_rank", "8").lora.rank == 8
-    assert r1zero.config_for("default", 0).lora.rank == 0  # full fine-tune unless asked
+    assert config.rows_per_step // config.grpo.num_microbatches == 4  # a row per v5e chip
+    assert config_for("tpu-qwen2.5-7b-lora", 0, *flags, "--lora_rank", "8").lora.rank == 8
+    assert config_for("default", 0).lora.rank == 0  # full fine-tune unless asked
     with pytest.raises(ValueError, match="ref_refresh_every needs a full fine-tune"):
-        r1zero.config_for("default", 0, "--lora_rank", "8", "--ref_refresh_every", "10")
+        config_for("default", 0, "--lora_rank", "8", "--ref_refresh_every", "10")
     with pytest.raises(ValueError, match="lora targets"):
-        r1zero.config_for("default", 0, "--lora_rank", "8", "--lora_targets", "qkv")
+        config_for("default", 0, "--lora_rank", "8", "--lora_targets", "qkv")
 
 
 def test_reward_flags_reach_the_config_and_the_later_stages():
-    r1zero = experiment_scripts.load("r1zero")
     flags = ("--reward_funcs", "trl.rewards.think_format_reward", "accuracy", "--reward_weights", "0.5", "1")
-    config = r1zero.config_for("smoke", 0, *flags)
+    config = config_for("smoke", 0, *flags)
     assert config.reward_funcs == ("trl.rewards.think_format_reward", "accuracy")
     assert config.reward_weights == (0.5, 1.0)
     assert config.to_dict()["reward_funcs"] == ["trl.rewards.think_format_reward", "accuracy"]
-    # experiments/r1.py hands these flags to every GRPO stage it builds.
-    assert r1zero.reward_flags(r1zero.parse_args(list(flags))) == [*flags[:4], "0.5", "1.0"]
-    assert r1zero.config_for("smoke", 0).reward_funcs is None
+    # experiments/r1.py builds every GRPO stage from its recipe with these flags.
+    r1 = experiment_scripts.load("r1")
+    assert r1.parse_args(list(flags)).edits == {"reward_funcs": config.reward_funcs, "reward_weights": (0.5, 1.0)}
+    assert config_for("smoke", 0).reward_funcs is None
