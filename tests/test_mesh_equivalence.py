@@ -4,6 +4,7 @@ full fine-tune and for a LoRA adapter on the frozen base."""
 import jax
 import numpy as np
 import pytest
+from conftest import needs_devices
 
 from grpo_jax.grpo import GRPOConfig, TrainBatch, TrainState, make_update_fn
 from grpo_jax.lora import LoraConfig, init_adapter, merge
@@ -85,12 +86,14 @@ def single_device_lora():
 
 
 @pytest.mark.slow
+@needs_devices(8)
 @pytest.mark.parametrize("axes", MESHES, ids=["x".join(map(str, a)) for a in MESHES])
 def test_update_and_rollout_on_a_mesh_equal_one_device(single_device, axes):
     check_equal(run(make_mesh(MeshConfig(*axes))), single_device, axes)
 
 
 @pytest.mark.slow
+@needs_devices(8)
 @pytest.mark.parametrize("axes", LORA_MESHES, ids=["x".join(map(str, a)) for a in LORA_MESHES])
 def test_lora_update_and_rollout_on_a_mesh_equal_one_device(single_device_lora, axes):
     check_equal(run(make_mesh(MeshConfig(*axes)), LORA_MODEL), single_device_lora, axes)

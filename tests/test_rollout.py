@@ -10,6 +10,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import needs_devices
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -323,6 +324,7 @@ def test_testing_done_every_few_steps_changes_no_sample(tiny_model):
         make_generate_fn(model, settings, done_check_every=0)
 
 
+@needs_devices(2)
 @pytest.mark.parametrize("tiny_model", ["qwen2"], indirect=True)
 def test_sharded_over_a_data_mesh_gives_the_same_rollout(tiny_model):
     """One loop over rows split by GSPMD, one loop per data replica (rows ending at different steps on the

@@ -11,6 +11,7 @@ import stat
 import jax
 import numpy as np
 import pytest
+from conftest import needs_devices
 
 from grpo_jax.checkpoint import Checkpointer
 from grpo_jax.demo_base import SHIPPED_DIR, train_tokenizer
@@ -86,6 +87,7 @@ def train(steps, lora=None, **kwargs):
                      **kwargs)
 
 
+@needs_devices(8)
 @pytest.mark.parametrize("lora", [None, LORA], ids=["full", "lora"])
 def test_sharded_sft_equals_single_device(lora):
     single, _ = train(6, lora)
