@@ -33,6 +33,7 @@ from grpo_jax.losses import (
     mask_truncated_completions,
     overlong_penalty,
     total_reward,
+    uses_reference,
 )
 from grpo_jax.logprobs import DEFAULT_LOGITS_CHUNK_MB, chunk_tokens_for, chunked_token_logps
 from grpo_jax.lora import with_adapter
@@ -182,6 +183,11 @@ class GRPOConfig:
                 f"got {self.max_completion_length}"
             )
 
+    @property
+    def uses_reference(self) -> bool:
+        """Whether the loss has a KL term (beta > 0), and so needs a reference model."""
+        return uses_reference(self.beta)
+
     def check_rows(self, rows: int) -> None:
         """One update's rows must split evenly into minibatches and their micro-batches."""
         if rows % (self.num_minibatches * self.num_microbatches):
@@ -319,7 +325,7 @@ class UpdateFn:
             if getattr(batch, name).shape != shape:
                 raise ValueError(f"TrainBatch.{name} has shape {getattr(batch, name).shape}, expected {shape}")
         cfg.check_rows(b)
-        if cfg.beta != 0.0 and ref_params is None:
+        if cfg.uses_reference and ref_params is None:
             raise ValueError(f"beta={cfg.beta} needs ref_params for the KL term; pass them or set beta=0")
         if cfg.old_logps_from_sampler and batch.sampling_logps is None:
             raise ValueError(
@@ -445,7 +451,7 @@ class UpdateFn:
             old_logps = self._frozen_logps(self._policy(state.params, ref_params), minibatches)
         else:
             old_logps = None  # on-policy: grpo_loss uses stop_gradient(logps)
-        ref_logps = self._frozen_logps(ref_params, minibatches) if cfg.beta != 0.0 else None
+        ref_logps = self._frozen_logps(ref_params, minibatches) if cfg.uses_reference else None
 
         def one_pass(carry, dropout_keys):
             step = functools.partial(self._optimizer_step, frozen=ref_params)

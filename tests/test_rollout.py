@@ -15,7 +15,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from grpo_jax import rollout
-from grpo_jax.rollout import SamplingConfig, generate, make_generate_fn, stop_sequences_for, truncate_at_stop
+from grpo_jax.rollout import SamplingConfig, generate, make_generate_fn
+from grpo_jax.text import prompt_length_bucket, stop_sequences_for, truncate_at_stop
 
 FIXTURES = Path(__file__).parent / "fixtures"
 NEW_TOKENS = 10  # greedy tests share this so they share one compile per family
@@ -239,7 +240,7 @@ def test_top_k_top_p_sampling_fits_truncated_softmax(tiny_model):
 
 
 def test_sampler_draws_the_tokens_jax_random_categorical_draws():
-    """`_categorical` (Gumbel-max with the argmax as two plain reductions, P16) is a speed change only:
+    """`_categorical` (Gumbel-max with the argmax as two plain reductions) is a speed change only:
     for the same key, the same token as jax.random.categorical; `_first_argmax` is NumPy's argmax (the
     first maximum) on ties and on rows that are -inf everywhere."""
     logits = np.array(jax.random.normal(jax.random.key(0), (64, 50)))
@@ -258,7 +259,7 @@ def test_sampler_draws_the_tokens_jax_random_categorical_draws():
 
 
 def test_prompt_length_buckets():
-    assert [rollout.prompt_length_bucket(n) for n in (1, 16, 17, 33, 64, 65, 1000)] == [16, 16, 32, 64, 64, 128, 1024]
+    assert [prompt_length_bucket(n) for n in (1, 16, 17, 33, 64, 65, 1000)] == [16, 16, 32, 64, 64, 128, 1024]
 
 
 @pytest.mark.parametrize("tiny_model", ["qwen2"], indirect=True)
