@@ -181,7 +181,7 @@ class GRPOStep:
         self.eos_ids = tuple(model.config.eos_token_ids or (RANDOM_EOS_ID,))
         self.pad_id = model.config.pad_token_id or 0
         sampling = rollout.SamplingConfig(
-            num_samples=w.group_size, max_new_tokens=w.max_new_tokens, temperature=1.0, eos_ids=self.eos_ids,
+            group_size=w.group_size, max_new_tokens=w.max_new_tokens, temperature=1.0, eos_ids=self.eos_ids,
             min_new_tokens=args.min_new_tokens,
         )
         self.generate = rollout.make_generate_fn(model, sampling, mesh=self.mesh)

@@ -118,7 +118,7 @@ def sample_completions(model, params, tokenizer, prompts: Sequence[str], *, num_
             tokens, mask = (put_global(x, batch_sharding(mesh, 2)) for x in (tokens, mask))
         out = generate(
             model, params, tokens, jax.random.fold_in(key, start), prompt_mask=mask,
-            num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+            group_size=num_samples, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
             eos_ids=eos_ids, stop_sequences=stops,
         )
         tokens, mask = to_host(out.tokens)[: real * num_samples], to_host(out.mask)[: real * num_samples]

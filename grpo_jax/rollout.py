@@ -16,7 +16,7 @@ Compilation is bounded: sampling settings are static (`SamplingConfig`), batch s
 static, and `generate` left-pads the prompt length up to a bucket (`text.prompt_length_bucket`), so a run with
 prompts of many lengths compiles the sampler once per bucket. `trace_count()` counts the traces.
 
-    out = generate(model, params, prompts, key, prompt_mask=mask, num_samples=8, max_new_tokens=256,
+    out = generate(model, params, prompts, key, prompt_mask=mask, group_size=8, max_new_tokens=256,
                    temperature=1.0, eos_ids=(eos,), stop_sequences=text.stop_sequences_for(tok, ["</answer>"]))
     out.tokens, out.mask, out.logps, out.lengths   # [B*G, N], [B*G, N], [B*G, N], [B*G]
 
@@ -70,7 +70,7 @@ class SamplingConfig:
     then on. A row also ends when its last k generated tokens equal a stop sequence of length k.
     """
 
-    num_samples: int = 1
+    group_size: int = 1  # samples per prompt: a GRPO group, or an evaluation's k
     max_new_tokens: int = 256
     temperature: float = 1.0
     top_p: float = 1.0
@@ -80,7 +80,7 @@ class SamplingConfig:
     stop_sequences: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self):
-        _require_int(self.num_samples, "num_samples", minimum=1)
+        _require_int(self.group_size, "group_size", minimum=1)
         _require_int(self.max_new_tokens, "max_new_tokens", minimum=1)
         _require_int(self.top_k, "top_k", minimum=0)
         _require_int(self.min_new_tokens, "min_new_tokens", minimum=0)
@@ -123,14 +123,14 @@ def _require_int(value, name: str, minimum: int) -> None:
 # ---------------------------------------------------------------------------------------------- sampling
 
 
-def _row_keys(key: jax.Array, num_prompts: int, num_samples: int, first_prompt: jax.Array | int = 0) -> jax.Array:
+def _row_keys(key: jax.Array, num_prompts: int, group_size: int, first_prompt: jax.Array | int = 0) -> jax.Array:
     """One key per row from (prompt index, sample index): a row's randomness ignores the rest of the batch.
 
     `first_prompt` is the batch-wide index of the first of these prompts (a device holding a slice)."""
     prompt_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, first_prompt + jnp.arange(num_prompts))
-    sample_ids = jnp.arange(num_samples)
+    sample_ids = jnp.arange(group_size)
     row_keys = jax.vmap(lambda k: jax.vmap(jax.random.fold_in, (None, 0))(k, sample_ids))(prompt_keys)
-    return row_keys.reshape((num_prompts * num_samples,) + row_keys.shape[2:])
+    return row_keys.reshape((num_prompts * group_size,) + row_keys.shape[2:])
 
 
 def _truncated_choice(keys: jax.Array, scaled_bv: jax.Array, top_k: int, top_p: float) -> jax.Array:
@@ -264,7 +264,7 @@ def make_generate_fn(
         done_check_every = done_check_interval(1 if per_replica else batch_shards(mesh))
     _require_int(done_check_every, "done_check_every", minimum=1)
     settings.check_vocab(model.config.vocab_size)
-    s, n, g = settings, settings.max_new_tokens, settings.num_samples
+    s, n, group_size = settings, settings.max_new_tokens, settings.group_size
     pad_id = model.config.pad_token_id or 0
     stop_window = max((len(seq) for seq in s.stop_sequences), default=1)
 
@@ -272,7 +272,7 @@ def make_generate_fn(
         global _trace_counter
         _trace_counter += 1
         b, p = prompts.shape
-        rows = b * g
+        rows = b * group_size
         prompt_mask = prompt_mask.astype(jnp.bool_)
         params = unstack_layers(params)  # once per rollout, not once per decode step
 
@@ -284,8 +284,8 @@ def make_generate_fn(
         )
         # Token t of a row sits at position (#real prompt tokens) + t, as positions_from_mask gives the
         # training forward on concat(prompt, completion).
-        prompt_lengths = jnp.repeat(prompt_mask.sum(axis=-1, dtype=jnp.int32), g)
-        keys = _row_keys(key, b, g, first_prompt)
+        prompt_lengths = jnp.repeat(prompt_mask.sum(axis=-1, dtype=jnp.int32), group_size)
+        keys = _row_keys(key, b, group_size, first_prompt)
 
         def sample_one(state):
             """Sample token `step` from the carried hidden state, then run it through the model.
@@ -300,8 +300,8 @@ def make_generate_fn(
 
         state = _LoopState(
             step=jnp.zeros((), jnp.int32),
-            cache=cache.repeat(g),
-            hidden=jnp.repeat(hidden[:, -1], g, axis=0),
+            cache=cache.repeat(group_size),
+            hidden=jnp.repeat(hidden[:, -1], group_size, axis=0),
             recent=jnp.full((rows, stop_window), -1, jnp.int32),
             done=jnp.zeros(rows, jnp.bool_),
             tokens=jnp.full((rows, n), pad_id, jnp.int32),
@@ -454,7 +454,7 @@ def generate(
     key: jax.Array,
     *,
     prompt_mask: jax.Array | None = None,
-    num_samples: int = 1,
+    group_size: int = 1,
     max_new_tokens: int = 256,
     temperature: float = 1.0,
     top_p: float = 1.0,
@@ -463,12 +463,12 @@ def generate(
     min_new_tokens: int = 0,
     stop_sequences: Sequence[Sequence[int]] = (),
 ) -> Rollout:
-    """Sample `num_samples` completions of each left-padded prompt [B, P]; rows i*G .. i*G+G-1 are prompt i's.
+    """Sample `group_size` completions of each left-padded prompt [B, P]; rows i*G .. i*G+G-1 are prompt i's.
 
     Validates everything first, pads P to its bucket, and runs the cached compiled sampler.
     """
     settings = SamplingConfig(
-        num_samples=num_samples,
+        group_size=group_size,
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_p=top_p,

@@ -1,14 +1,15 @@
 """One GRPO step's data flow, shared by the trainer and the benchmark: the policy's setup, then per step
 
-    rollout (tokens, mask) -> rewards -> shaped rewards -> advantages and loss mask -> TrainBatch -> update
+    rollout (tokens, mask) -> reward totals -> shaped rewards -> advantages, loss mask -> TrainBatch -> update
 
-    setup = init_training(model, params, grpo, optimizer, mesh, seed)
-    layout = GroupLayout(num_prompts, group_size, local_rows)
-    targets = loss_targets(rewards, tokens, mask, layout, grpo, max_new_tokens, eos_ids)
+    setup = init_training(model, params, grpo, optimizer, mesh, seed)    # once
+    layout = GroupLayout(num_prompts, group_size, process_local_slice(num_prompts * group_size, mesh))
+    targets = loss_targets(reward_totals, tokens, mask, layout, grpo, max_new_tokens, eos_ids)
     batch = train_batch(layout, prompts, prompt_mask, tokens, targets, mesh)
     state, metrics = setup.update(state, ref_params, batch)
 
-The host functions are pure (NumPy in, NumPy out); only `train_batch` places arrays on the mesh.
+The host functions are pure (NumPy in, NumPy out) and see this process's rows; `train_batch` alone places
+arrays on the mesh, and `reward_metrics` takes rows gathered from every process.
 """
 
 from __future__ import annotations

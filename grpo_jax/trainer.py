@@ -197,7 +197,7 @@ class Trainer:
         self.state_shardings, self.param_shardings = setup.state_shardings, setup.param_shardings
         self.update, self._rollout_params = setup.update, setup.rollout_params
         self.sampling = SamplingConfig(
-            num_samples=cfg.group_size, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+            group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
             top_p=cfg.top_p, top_k=cfg.top_k, eos_ids=self.eos_ids,
             stop_sequences=stop_sequences_for(self.tokenizer, STOP_STRINGS),
         )

@@ -29,7 +29,7 @@ LORA_MODEL = Transformer(CONFIG, lora=LoraConfig(rank=4, alpha=8.0))
 LORA_MESHES = [(2, 2, 2), (1, 1, 8)]
 OPTIMIZER = make_optimizer(OptimizerConfig(learning_rate=1e-3))
 GRPO = GRPOConfig(beta=0.04, num_microbatches=2)  # micro-batches of 8 rows: summed per data replica
-SAMPLING = SamplingConfig(num_samples=2, max_new_tokens=NEW, temperature=0.0, eos_ids=(3, 7, 11))
+SAMPLING = SamplingConfig(group_size=2, max_new_tokens=NEW, temperature=0.0, eos_ids=(3, 7, 11))
 
 
 def inputs():
