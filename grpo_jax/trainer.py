@@ -178,7 +178,9 @@ class Trainer:
         cfg = config
         self.mesh = make_mesh(parse_mesh(cfg.mesh))
         check_batch_divisible(cfg.prompts_per_step, self.mesh, "prompts per step")
-        cfg.grpo.check_rows(cfg.prompts_per_step * cfg.group_size)
+        self.layout = GroupLayout(cfg.prompts_per_step, cfg.group_size,
+                                  process_local_slice(cfg.prompts_per_step * cfg.group_size, self.mesh))
+        cfg.grpo.check_rows(self.layout.num_rows)
         self.task, self.model, params, self.tokenizer = load_run_inputs(cfg)
         self.prompt_width = prompt_width(cfg, self.task, self.tokenizer)
         if self.prompt_width + cfg.max_new_tokens > self.model.config.max_position_embeddings:
@@ -187,9 +189,6 @@ class Trainer:
                 f"context ({self.model.config.max_position_embeddings}): lower --max_prompt_len or --max_new_tokens"
             )
         self.eos_ids = tuple(tokenizer_eos_ids(self.tokenizer))
-
-        self.layout = GroupLayout(cfg.prompts_per_step, cfg.group_size,
-                                  process_local_slice(cfg.prompts_per_step * cfg.group_size, self.mesh))
 
         # With LoRA the state trains the adapter; the base params stay frozen and are also the reference.
         setup = init_training(self.model, params, cfg.grpo, make_optimizer(cfg.optim), self.mesh, cfg.seed)
