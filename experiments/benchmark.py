@@ -9,12 +9,12 @@ machine's measured matmul peak.
     python experiments/benchmark.py --random_model qwen2.5-0.5b --dtype bfloat16 --group_size 16 \
         --max_new_tokens 512 --num_minibatches 4                 # GPU: Qwen2.5-0.5B's shape, random weights
 
-One step is what the trainer does: sample G completions of each prompt (`rollout.make_generate_fn`), bring
-the tokens to the host, score them with a cheap host-side reward, compute group advantages, and run the
-compiled update (`grpo.make_update_fn`). The first step also compiles; the figures are medians of the
+One step is the trainer's own step (`grpo_jax.step`): sample G completions of each prompt
+(`rollout.make_generate_fn`), bring the tokens to the host, score them with a cheap host-side reward, compute
+group advantages and the loss mask, and run the compiled update (`grpo.make_update_fn`). The first step also compiles; the figures are medians of the
 later ones. The LAST line printed is one JSON object with every figure (see `summarize`).
 
-FLOPs are model FLOPs (the useful work, counted by `forward_flops`, `update_flops`, `rollout_flops`), not
+FLOPs are model FLOPs (the useful work, counted by `grpo_jax.flops`), not
 the FLOPs the implementation happens to execute; MFU is model FLOP/s over `peak_gflops`, the rate of one
 large square matmul in the run's dtype measured in the same process. Decoding is bound by memory rather
 than arithmetic, so the rollout is also held against bandwidth: `rollout_bytes` counts the fewest bytes it
@@ -46,123 +46,36 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grpo_jax.grpo import GRPOConfig, TrainBatch, TrainState, group_advantages, make_update_fn
-from grpo_jax.lora import add_lora_flags, count_params, init_adapter, lora_config_from_args, make_rollout_params
+from grpo_jax import rollout
+from grpo_jax.flops import Workload, kv_cache_mb, rollout_bytes, rollout_flops, update_flops
+from grpo_jax.grpo import GRPOConfig
+from grpo_jax.lora import add_lora_flags, count_params, lora_config_from_args
 from grpo_jax.metrics import pyplot
 from grpo_jax.models import ModelConfig, Transformer, load_pretrained
 from grpo_jax.optim import OptimizerConfig, make_optimizer
-from grpo_jax import rollout
 from grpo_jax.runs import one_line_errors
 from grpo_jax.sharding import (
     add_cpu_devices_flag,
     batch_sharding,
     check_batch_divisible,
     make_mesh,
-    param_shardings,
     parse_mesh,
-    shard_params,
+    process_local_slice,
     use_cpu_devices,
 )
+from grpo_jax.step import GroupLayout, LossTargets, init_training, loss_targets, train_batch
+from grpo_jax.synthetic import (
+    RANDOM_EOS_ID,
+    add_workload_flags,
+    parse_random_model,
+    random_prompts,
+)
 
-# The peers' tiny Qwen2 (shared/peers/README.md): 3,035,392 parameters.
-PEER_MODEL = "vocab=512,hidden=256,ffn=688,layers=4,heads=4,kv_heads=2"
-# Named shapes for --random_model. Qwen2.5-0.5B's shape (494 M parameters) is the GPU workload.
-NAMED_RANDOM_MODELS = {
-    "peer": PEER_MODEL,
-    "qwen2.5-0.5b": "vocab=151936,hidden=896,ffn=4864,layers=24,heads=14,kv_heads=2",
-    "qwen2.5-1.5b": "vocab=151936,hidden=1536,ffn=8960,layers=28,heads=12,kv_heads=2",
-    "qwen2.5-3b": "vocab=151936,hidden=2048,ffn=11008,layers=36,heads=16,kv_heads=2",
-}
-_RANDOM_MODEL_KEYS = ("vocab", "hidden", "ffn", "layers", "heads", "kv_heads")
-RANDOM_EOS_ID = 1  # the peer tokenizer's <|endoftext|>
 REQUIRED_KEYS = (
     "step_time_s", "rollout_tokens_per_s", "rollout_time_s", "update_time_s", "compile_s", "recompiles",
     "peak_rss_mb", "peak_gflops", "update_gflops", "rollout_gflops", "update_mfu", "rollout_mfu", "machine",
     "peak_bandwidth_gbs", "rollout_bandwidth_gbs", "rollout_roofline_tokens_per_s",
 )
-
-
-@dataclasses.dataclass(frozen=True)
-class Workload:
-    """The shapes of one GRPO step."""
-
-    num_prompts: int
-    group_size: int
-    prompt_len: int  # padded prompt width; real lengths vary in [prompt_len // 2, prompt_len]
-    max_new_tokens: int
-    beta: float
-    num_iterations: int = 1
-    num_minibatches: int = 1  # optimizer steps per pass: bounds the update's activation memory, not its FLOPs
-    num_microbatches: int = 1  # forward/backward passes per optimizer step (gradient accumulation)
-
-    @property
-    def rows(self) -> int:
-        return self.num_prompts * self.group_size
-
-
-# ---------------------------------------------------------------------------------------------- FLOPs
-
-
-def dense_flops_per_token(c: ModelConfig) -> int:
-    """Multiply-adds x 2 of one token through every layer's q/k/v/o projections and gated MLP."""
-    d, f = c.hidden_size, c.intermediate_size
-    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-    return 2 * c.num_layers * (d * (q + 2 * kv) + q * d + 3 * d * f)
-
-
-def lm_head_flops_per_token(c: ModelConfig) -> int:
-    """Hidden state -> vocabulary logits of one position."""
-    return 2 * c.hidden_size * c.vocab_size
-
-
-def attention_flops(c: ModelConfig, query_key_pairs: int) -> int:
-    """Scores (q.k) plus the weighted sum of values: 2 x 2 x head_dim FLOPs per query head, layer and pair."""
-    return 4 * c.num_layers * c.num_heads * c.head_dim * query_key_pairs
-
-
-def causal_pairs(length: int) -> int:
-    """(query, key) pairs a causal sequence of `length` really needs: query i sees keys 0..i."""
-    return length * (length + 1) // 2
-
-
-def forward_flops(c: ModelConfig, rows: int, length: int, logit_positions: int) -> int:
-    """One training forward over `rows` sequences of `length` tokens that makes logits at `logit_positions`
-    positions per row (the update needs them only on the completion). Attention is counted causally."""
-    return rows * (
-        length * dense_flops_per_token(c)
-        + logit_positions * lm_head_flops_per_token(c)
-        + attention_flops(c, causal_pairs(length))
-    )
-
-
-def update_flops(c: ModelConfig, w: Workload) -> int:
-    """One GRPO update: mu x (policy forward + backward, the backward ~2x the forward), a reference forward
-    when beta > 0, and a pi_old forward when mu > 1. Rematerialized logits are not counted (model FLOPs)."""
-    forward = forward_flops(c, w.rows, w.prompt_len + w.max_new_tokens, w.max_new_tokens)
-    passes = 3 * w.num_iterations + (w.beta > 0) + (w.num_iterations > 1)
-    return passes * forward
-
-
-def rollout_flops(c: ModelConfig, w: Workload, new_tokens: int | None = None) -> int:
-    """One rollout of `new_tokens` per row (default max_new_tokens): the prompt prefill (once per prompt,
-    shared by its G samples) plus, per generated token, the layers, the LM head and attention over the
-    cache entries that exist so far (prompt_len + t + 1 keys for token t)."""
-    n = w.max_new_tokens if new_tokens is None else new_tokens
-    prefill = w.num_prompts * (w.prompt_len * dense_flops_per_token(c) + attention_flops(c, causal_pairs(w.prompt_len)))
-    decode_pairs = n * w.prompt_len + causal_pairs(n)  # sum over t < n of (prompt_len + t + 1)
-    decode = w.rows * (n * (dense_flops_per_token(c) + lm_head_flops_per_token(c)) + attention_flops(c, decode_pairs))
-    return prefill + decode
-
-
-def rollout_bytes(c: ModelConfig, w: Workload, bytes_per_value: int, new_tokens: int | None = None) -> int:
-    """The fewest bytes one rollout must read from memory: every weight once for the prefill and once per
-    decode step (the tied embedding as the LM head), plus each step's live cache (keys and values of the
-    prompt_len + t + 1 slots that exist at token t, for every row and layer). Writes (one cache slot per
-    step) and activations are smaller by orders of magnitude at these shapes and left out."""
-    n = w.max_new_tokens if new_tokens is None else new_tokens
-    weights = (n + 1) * c.num_params * bytes_per_value
-    per_slot = 2 * c.num_layers * c.num_kv_heads * c.head_dim * bytes_per_value
-    return weights + w.rows * (n * w.prompt_len + causal_pairs(n)) * per_slot
 
 
 # ---------------------------------------------------------------------------------------------- machine
@@ -237,25 +150,6 @@ def device_peak_memory_mb() -> float | None:
 # ---------------------------------------------------------------------------------------------- setup
 
 
-def parse_random_model(spec: str) -> ModelConfig:
-    """`"vocab=512,hidden=256,ffn=688,layers=4,heads=4,kv_heads=2"` or a name of NAMED_RANDOM_MODELS -> a tied
-    Qwen2 config."""
-    spec = NAMED_RANDOM_MODELS.get(spec, spec)
-    try:
-        sizes = {k.strip(): int(v) for k, v in (item.split("=") for item in spec.split(","))}
-    except ValueError:
-        raise ValueError(f"bad --random_model {spec!r}: expected {PEER_MODEL} or one of "
-                         f"{', '.join(NAMED_RANDOM_MODELS)}") from None
-    if sorted(sizes) != sorted(_RANDOM_MODEL_KEYS):
-        raise ValueError(f"bad --random_model {spec!r}: give exactly the keys {', '.join(_RANDOM_MODEL_KEYS)} "
-                         f"(or a name: {', '.join(NAMED_RANDOM_MODELS)})")
-    return ModelConfig(
-        model_type="qwen2", vocab_size=sizes["vocab"], hidden_size=sizes["hidden"], intermediate_size=sizes["ffn"],
-        num_layers=sizes["layers"], num_heads=sizes["heads"], num_kv_heads=sizes["kv_heads"], attention_bias=True,
-        tie_embeddings=True, max_position_embeddings=32768, eos_token_ids=(RANDOM_EOS_ID,), pad_token_id=0,
-    )
-
-
 def load_model(args) -> tuple[Transformer, dict]:
     dtype = jnp.dtype(args.dtype)
     if args.model:
@@ -265,17 +159,6 @@ def load_model(args) -> tuple[Transformer, dict]:
         params = model.init(jax.random.key(args.seed), std=0.02)
     lora = lora_config_from_args(args)
     return dataclasses.replace(model, remat=args.remat, lora=lora if lora.enabled else None), params
-
-
-def random_prompts(rng: np.random.Generator, w: Workload, vocab: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Left-padded random prompts [num_prompts, prompt_len] with real lengths in [prompt_len // 2, prompt_len]."""
-    tokens = np.full((w.num_prompts, w.prompt_len), pad_id, np.int32)
-    mask = np.zeros((w.num_prompts, w.prompt_len), np.int32)
-    for row in range(w.num_prompts):
-        length = rng.integers(max(1, w.prompt_len // 2), w.prompt_len + 1)
-        tokens[row, -length:] = rng.integers(3, vocab, length)
-        mask[row, -length:] = 1
-    return tokens, mask
 
 
 def reward_low_ids(tokens: np.ndarray, mask: np.ndarray, vocab: int) -> np.ndarray:
@@ -289,65 +172,46 @@ def reward_low_ids(tokens: np.ndarray, mask: np.ndarray, vocab: int) -> np.ndarr
 
 
 class GRPOStep:
-    """The trainer's step with timers: rollout -> host rewards -> advantages -> update."""
+    """The trainer's step (`grpo_jax.step`) with timers: rollout -> host rewards -> advantages -> update."""
 
     def __init__(self, model: Transformer, params, w: Workload, args):
         self.model, self.w = model, w
         self.mesh = make_mesh(parse_mesh(args.mesh))
         check_batch_divisible(w.num_prompts, self.mesh, "--num_prompts")
-        eos = model.config.eos_token_ids or (RANDOM_EOS_ID,)
+        self.eos_ids = tuple(model.config.eos_token_ids or (RANDOM_EOS_ID,))
         self.pad_id = model.config.pad_token_id or 0
         sampling = rollout.SamplingConfig(
-            num_samples=w.group_size, max_new_tokens=w.max_new_tokens, temperature=1.0, eos_ids=tuple(eos),
+            group_size=w.group_size, max_new_tokens=w.max_new_tokens, temperature=1.0, eos_ids=self.eos_ids,
             min_new_tokens=args.min_new_tokens,
         )
         self.generate = rollout.make_generate_fn(model, sampling, mesh=self.mesh)
-        optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-5))
-        grpo = GRPOConfig(beta=w.beta, num_iterations=w.num_iterations, num_minibatches=w.num_minibatches,
-                          num_microbatches=w.num_microbatches)
-        shardings = param_shardings(model, self.mesh)
-        params = shard_params(params, shardings)
-        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-        if model.lora is not None:  # as the trainer: the adapter trains, the base is frozen and the reference
-            state = TrainState.create(init_adapter(jax.random.key(args.seed), model), optimizer)
-            self.ref_params = params
-            self.policy = make_rollout_params(model.lora, shardings)
-        else:
-            state = TrainState.create(params, optimizer)
-            self.ref_params = jax.tree.map(jnp.copy, params) if w.beta > 0 else None
-            self.policy = lambda base, trainable: trainable
-        state_shardings = state.shardings(model, self.mesh)
-        self.state = jax.device_put(state, state_shardings)
+        setup = init_training(model, params, w.grpo, make_optimizer(OptimizerConfig(learning_rate=1e-5)), self.mesh,
+                              args.seed)
+        self.state, self.ref_params, self.update = setup.state, setup.ref_params, setup.update
+        self.policy = setup.rollout_params
+        self.layout = GroupLayout(w.num_prompts, w.group_size, process_local_slice(w.rows, self.mesh))
         self.trainable_params = count_params(self.state.params)
-        self.update = make_update_fn(model, grpo, optimizer, jit_kwargs=dict(out_shardings=(state_shardings, replicated)),
-                                     mesh=self.mesh)
         self.rng = np.random.default_rng(args.seed)
         self.key = jax.random.key(args.seed)
 
     def _to_device(self, x: np.ndarray) -> jax.Array:
         return jax.device_put(x, batch_sharding(self.mesh, x.ndim))
 
-    def _train_batch(self, prompts, prompt_mask, tokens, mask, advantages) -> TrainBatch:
-        """Host arrays -> the update's batch; each prompt repeated for its G completions."""
-        g = self.w.group_size
-        return TrainBatch(
-            prompt_tokens=self._to_device(np.repeat(prompts, g, axis=0)),
-            prompt_mask=self._to_device(np.repeat(prompt_mask, g, axis=0)),
-            completion_tokens=self._to_device(tokens),
-            completion_mask=self._to_device(mask),
-            advantages=self._to_device(advantages.astype(np.float32)),
-        )
+    def _prompts(self):
+        return random_prompts(self.rng, self.w.num_prompts, self.w.prompt_len, self.model.config.vocab_size,
+                              self.pad_id)
 
     def __call__(self, step: int) -> dict:
         w, vocab = self.w, self.model.config.vocab_size
-        prompts, prompt_mask = random_prompts(self.rng, w, vocab, self.pad_id)
+        prompts, prompt_mask = self._prompts()
         start, start_cpu = time.perf_counter(), time.process_time()
         out = self.generate(self.policy(self.ref_params, self.state.params), self._to_device(prompts),
                             self._to_device(prompt_mask), jax.random.fold_in(self.key, step))
         tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
         rolled = time.perf_counter()
-        advantages = np.asarray(group_advantages(reward_low_ids(tokens, mask, vocab), w.group_size))
-        batch = self._train_batch(prompts, prompt_mask, tokens, mask, advantages)
+        targets = loss_targets(reward_low_ids(tokens, mask, vocab), tokens, mask, self.layout, w.grpo,
+                               w.max_new_tokens, self.eos_ids)
+        batch = train_batch(self.layout, prompts, prompt_mask, tokens, targets, self.mesh)
         rewarded = time.perf_counter()
         self.state, metrics = self.update(self.state, self.ref_params, batch)
         loss = float(metrics["loss"])  # waits for the update
@@ -360,10 +224,12 @@ class GRPOStep:
     def memory_breakdown(self, step: int) -> dict:
         """MB that XLA plans for each program (compiles both once more, so call it after the timed steps)."""
         w = self.w
-        prompts, prompt_mask = random_prompts(self.rng, w, self.model.config.vocab_size, self.pad_id)
+        prompts, prompt_mask = self._prompts()
         key = jax.random.fold_in(self.key, step)
         completions = np.zeros((w.rows, w.max_new_tokens), np.int32)
-        batch = self._train_batch(prompts, prompt_mask, completions, completions, np.zeros(w.rows))
+        zeros = np.zeros(w.rows, np.float32)
+        batch = train_batch(self.layout, prompts, prompt_mask, completions, LossTargets(zeros, zeros, zeros, completions),
+                            self.mesh)
         prompts, prompt_mask = self._to_device(prompts), self._to_device(prompt_mask)
         programs = {
             "rollout": self.generate.lower(self.policy(self.ref_params, self.state.params), prompts, prompt_mask, key),
@@ -375,12 +241,6 @@ class GRPOStep:
             report[f"{name}_arguments"] = stats.argument_size_in_bytes / 2**20
             report[f"{name}_temporaries"] = stats.temp_size_in_bytes / 2**20
         return report
-
-
-def kv_cache_mb(c: ModelConfig, w: Workload, bytes_per_value: int) -> float:
-    """Keys and values of every layer for every row and slot (prompt + completion)."""
-    slots = w.prompt_len + w.max_new_tokens
-    return 2 * c.num_layers * w.rows * slots * c.num_kv_heads * c.head_dim * bytes_per_value / 2**20
 
 
 def trace_counts(step: GRPOStep) -> dict:
@@ -406,7 +266,7 @@ def summarize_trace(path: str, top: int = 12) -> dict:
     it spent in collectives, and the ops with the most time in all. Threads busy for much less than the
     program's wall time mean its ops ran one at a time on a multi-threaded runtime (the update and the
     decode loop on XLA:CPU, docs/benchmarks.md); time in collectives on a CPU split into devices is mostly
-    one device waiting for the others (P13, P14)."""
+    one device waiting for the others (docs/benchmarks.md)."""
     with gzip.open(path) as f:
         events = json.load(f)
     events = events["traceEvents"] if isinstance(events, dict) else events
@@ -497,12 +357,25 @@ def summarize(records: list[dict], traces: list[dict], memory: dict, c: ModelCon
         "update_times_s": [round(r["update_s"], 4) for r in records],
         "final_loss": records[-1]["loss"],
         "trainable_params": trainable_params,
-        "workload": dict(dataclasses.asdict(w), min_new_tokens=args.min_new_tokens, dtype=args.dtype, mesh=args.mesh,
+        "workload": dict(workload_record(w), min_new_tokens=args.min_new_tokens, dtype=args.dtype, mesh=args.mesh,
                          remat=args.remat, generated_tokens_per_step=tokens,
                          lora=dataclasses.asdict(lora_config_from_args(args))),
         "model": {"path": args.model or f"random qwen2 ({args.random_model})", "params": c.num_params},
         "machine": machine_info(),
     }
+
+
+def workload_from_args(args) -> Workload:
+    grpo = GRPOConfig(beta=args.beta, num_iterations=args.num_iterations, num_minibatches=args.num_minibatches,
+                      num_microbatches=args.num_microbatches)
+    return Workload(args.num_prompts, args.group_size, args.prompt_len, args.max_new_tokens, grpo)
+
+
+def workload_record(w: Workload) -> dict:
+    """The report's description of a workload: its shapes and the settings that change its work."""
+    return dict(num_prompts=w.num_prompts, group_size=w.group_size, prompt_len=w.prompt_len,
+                max_new_tokens=w.max_new_tokens, beta=w.grpo.beta, num_iterations=w.grpo.num_iterations,
+                num_minibatches=w.grpo.num_minibatches, num_microbatches=w.grpo.num_microbatches)
 
 
 def run(args) -> dict:
@@ -511,8 +384,7 @@ def run(args) -> dict:
     if args.prompt_len + args.max_new_tokens > c.max_position_embeddings:
         print(f"note: prompt_len + max_new_tokens = {args.prompt_len + args.max_new_tokens} exceeds the model's "
               f"{c.max_position_embeddings} positions; timing it anyway (RoPE has no hard limit)")
-    w = Workload(args.num_prompts, args.group_size, args.prompt_len, args.max_new_tokens, args.beta,
-                 args.num_iterations, args.num_minibatches, args.num_microbatches)
+    w = workload_from_args(args)
     peak = measure_peak_gflops(args.peak_size, model.dtype)
     step = GRPOStep(model, params, w, args)
     records, traces = [], []
@@ -632,23 +504,6 @@ def write_sweep_report(results: dict, out_dir: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-
-
-def add_workload_flags(p: argparse.ArgumentParser, dtype: str = "float32") -> None:
-    """The flags that define a workload; `hf_peer_bench.py` takes the same ones, so both time one workload."""
-    p.add_argument("--random_model", default=PEER_MODEL,
-                   help=f"shape of the random tied Qwen2 used without --model, or a name: {', '.join(NAMED_RANDOM_MODELS)}")
-    p.add_argument("--num_prompts", type=int, default=8)
-    p.add_argument("--group_size", type=int, default=8)
-    p.add_argument("--prompt_len", type=int, default=8, help="padded prompt width (the peer's prompts are 7 tokens)")
-    p.add_argument("--max_new_tokens", type=int, default=64)
-    p.add_argument("--beta", type=float, default=0.04)
-    p.add_argument("--num_minibatches", type=int, default=1,
-                   help="optimizer steps per pass (the rows are split; bounds the update's activation memory)")
-    p.add_argument("--num_microbatches", type=int, default=1,
-                   help="forward/backward passes per optimizer step, gradients accumulated (TRL's "
-                        "gradient_accumulation_steps: 8 in the peer's GRPO step)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=dtype)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

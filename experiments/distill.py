@@ -135,7 +135,7 @@ def student_path(plan: Plan) -> str:
 
 
 def evaluate_model(plan: Plan, model: str) -> dict:
-    from grpo_jax.trainer import evaluate_checkpoint
+    from grpo_jax.evaluate import evaluate_checkpoint
 
     return evaluate_checkpoint(r1zero_config(plan, model))
 
@@ -161,27 +161,20 @@ def distill_student(plan: Plan, student: str, traces: str, out_dir: str) -> dict
                                 lora=plan.lora))
 
 
-def grpo_step_flops(config, num_params: int, prompt_width: int) -> float:
-    """Model FLOPs of one GRPO step (2N per token forward, 6N forward + backward; attention left out):
-    the rollout's prefill and decode, the reference forward (beta > 0) and the policy's forward + backward."""
-    rollout_tokens = config.prompts_per_step * prompt_width + config.rows_per_step * config.max_new_tokens
-    update_tokens = config.rows_per_step * (prompt_width + config.max_new_tokens)
-    passes = 6 * config.grpo.num_iterations + (2 if config.grpo.needs_reference else 0)
-    return 2 * num_params * rollout_tokens + passes * num_params * update_tokens
-
-
 def rl_steps_for_budget(plan: Plan, student: str, sft_summary: dict) -> dict:
     """GRPO steps whose model FLOPs match the SFT run's (6N per trained token position)."""
     from grpo_jax.data import load_task
+    from grpo_jax.flops import Workload, grpo_step_flops
     from grpo_jax.models import load_tokenizer
-    from grpo_jax.trainer import prompt_width
+    from grpo_jax.runs import prompt_width
 
     config = r1zero_config(plan, student)
     task = load_task(config.task, seed=config.seed, num_eval=config.num_eval)
     width = prompt_width(config, task, load_tokenizer(student))
     num_params = sft_summary["num_params"]
     sft_flops = 6 * num_params * sft_summary["steps"] * sft_summary["tokens_per_step"]
-    step_flops = grpo_step_flops(config, num_params, width)
+    step_flops = grpo_step_flops(Workload(config.prompts_per_step, config.group_size, width, config.max_new_tokens,
+                                          config.grpo), num_params)
     return {"sft_flops": sft_flops, "grpo_step_flops": step_flops,
             "rl_steps": max(1, round(sft_flops / step_flops))}
 

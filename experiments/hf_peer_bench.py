@@ -10,7 +10,7 @@ What TRL's GRPOTrainer runs when it does not use vLLM, in two timed parts:
   * update: a reference forward without gradients, then per minibatch the policy forward (logits of the
     completion positions only, as TRL's `logits_to_keep`), the per-token log-probs and backward, once per
     micro-batch (gradients accumulated), and a fused AdamW step. The loss is the mean completion log-prob: the GRPO loss' elementwise terms cost nothing next to it.
-FLOP rates use benchmark.py's model-FLOP formulas; `peak_gflops` is a bf16/fp32 matmul measured here.
+FLOP rates use the model-FLOP formulas of `grpo_jax.flops`, as benchmark.py's; `peak_gflops` is a bf16/fp32 matmul measured here.
 The last line printed is one JSON object. Needs torch and transformers (the `test` extra).
 """
 
@@ -25,11 +25,10 @@ import numpy as np
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from benchmark import (
-    Workload, add_workload_flags, parse_random_model, random_prompts, rollout_bytes, rollout_flops,
-    update_flops,
-)
+from grpo_jax.flops import Workload, rollout_bytes, rollout_flops, update_flops
+from grpo_jax.grpo import GRPOConfig
 from grpo_jax.models import ModelConfig
+from grpo_jax.synthetic import add_workload_flags, parse_random_model, random_prompts
 
 
 def hf_model(c: ModelConfig, dtype: torch.dtype, device: str) -> Qwen2ForCausalLM:
@@ -72,13 +71,14 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     c = parse_random_model(args.random_model)
-    w = Workload(args.num_prompts, args.group_size, args.prompt_len, args.max_new_tokens, args.beta,
-                 num_minibatches=args.num_minibatches, num_microbatches=args.num_microbatches)
+    grpo = GRPOConfig(beta=args.beta, num_minibatches=args.num_minibatches, num_microbatches=args.num_microbatches)
+    w = Workload(args.num_prompts, args.group_size, args.prompt_len, args.max_new_tokens, grpo)
     model = hf_model(c, dtype, DEVICE)
-    reference = hf_model(c, dtype, DEVICE).eval() if args.beta > 0 else None
+    reference = hf_model(c, dtype, DEVICE).eval() if grpo.uses_reference else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)
 
-    prompts, prompt_mask = random_prompts(np.random.default_rng(0), w, c.vocab_size, c.pad_token_id)
+    prompts, prompt_mask = random_prompts(np.random.default_rng(0), w.num_prompts, w.prompt_len, c.vocab_size,
+                                          c.pad_token_id)
     ids = torch.tensor(np.repeat(prompts, w.group_size, 0), device=DEVICE)
     mask = torch.tensor(np.repeat(prompt_mask, w.group_size, 0), device=DEVICE)
 
@@ -97,17 +97,17 @@ def main(argv=None) -> dict:
 
     def update():
         """Per minibatch (an optimizer step) its micro-batches' forward + backward, gradients accumulated."""
-        parts = w.num_minibatches * w.num_microbatches
+        parts = w.grpo.num_minibatches * w.grpo.num_microbatches
         row_ids = torch.arange(w.rows, device=DEVICE)
-        micro = [[row_ids[m + w.num_minibatches * k :: parts] for k in range(w.num_microbatches)]
-                 for m in range(w.num_minibatches)]
+        micro = [[row_ids[m + w.grpo.num_minibatches * k :: parts] for k in range(w.grpo.num_microbatches)]
+                 for m in range(w.grpo.num_minibatches)]
         if reference is not None:
             with torch.no_grad():
                 for rows in (rows for minibatch in micro for rows in minibatch):
                     completion_logps(reference, rows)
         for minibatch in micro:
             for rows in minibatch:
-                (-completion_logps(model, rows).mean() / w.num_microbatches).backward()
+                (-completion_logps(model, rows).mean() / w.grpo.num_microbatches).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 

@@ -139,7 +139,7 @@ def cold_start_traces(config, num_examples: int, out_path: str, method: str = "c
     """Worked solutions of the last training problems, rendered with the run's template, as a trace file."""
     from grpo_jax.data import load_task, render_prompt
     from grpo_jax.models import load_tokenizer
-    from grpo_jax.rejection import write_traces
+    from grpo_jax.data.traces import write_traces
     from grpo_jax.runs import resolve_init
 
     task = load_task(config.task, data_path=config.data, seed=config.seed, num_eval=config.num_eval)
@@ -180,7 +180,8 @@ def run(args: argparse.Namespace) -> dict:
     from grpo_jax.runs import write_json
     from grpo_jax.sft_trainer import run_sft
     from grpo_jax.sharding import use_cpu_devices
-    from grpo_jax.trainer import evaluate_checkpoint, train
+    from grpo_jax.evaluate import evaluate_checkpoint
+    from grpo_jax.trainer import train
 
     started = time.perf_counter()
     use_cpu_devices(args.cpu_devices)

@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> dict:
     initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     config = build_config(args)
     if args.eval_only:
-        from grpo_jax.trainer import evaluate_checkpoint
+        from grpo_jax.evaluate import evaluate_checkpoint
 
         metrics = evaluate_checkpoint(config)
         print(json.dumps(metrics, indent=2))

@@ -22,11 +22,27 @@ from tqdm.auto import tqdm
 
 from grpo_jax import rewards
 from grpo_jax.data import Task, render_prompt, reward_inputs
-from grpo_jax.rollout import generate, stop_sequences_for, truncate_at_stop
-from grpo_jax.sharding import batch_sharding, batch_shards, put_global, to_host
-from grpo_jax.text import completion_ids, decode_completions, encode_prompts
-
-STOP_STRINGS = ("</answer>",)
+from grpo_jax.rollout import generate
+from grpo_jax.runs import load_run_inputs, prompt_width
+from grpo_jax.sharding import (
+    batch_sharding,
+    batch_shards,
+    make_mesh,
+    param_shardings,
+    parse_mesh,
+    put_global,
+    shard_params,
+    to_host,
+)
+from grpo_jax.text import (
+    STOP_STRINGS,
+    completion_ids,
+    decode_completions,
+    encode_prompts,
+    stop_sequences_for,
+    tokenizer_eos_ids,
+    truncate_at_stop,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +118,7 @@ def sample_completions(model, params, tokenizer, prompts: Sequence[str], *, num_
             tokens, mask = (put_global(x, batch_sharding(mesh, 2)) for x in (tokens, mask))
         out = generate(
             model, params, tokens, jax.random.fold_in(key, start), prompt_mask=mask,
-            num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+            group_size=num_samples, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
             eos_ids=eos_ids, stop_sequences=stops,
         )
         tokens, mask = to_host(out.tokens)[: real * num_samples], to_host(out.mask)[: real * num_samples]
@@ -110,16 +126,6 @@ def sample_completions(model, params, tokenizer, prompts: Sequence[str], *, num_
         samples.texts.extend(truncate_at_stop(t, STOP_STRINGS) for t in texts)
         samples.ids.extend(completion_ids(tokens, mask))
     return samples
-
-
-def tokenizer_eos_ids(tokenizer) -> list[int]:
-    """The ids that end a completion: the tokenizer's EOS (and the chat end-of-turn, when it has one)."""
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    for token in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>"):
-        token_id = tokenizer.convert_tokens_to_ids(token)
-        if token in tokenizer.get_vocab() and token_id not in ids:
-            ids.append(token_id)
-    return ids
 
 
 def majority_vote_scores(answers: list[str | None], scores: np.ndarray) -> float:
@@ -200,3 +206,14 @@ def evaluate(model, params, tokenizer, examples: Sequence[dict], task: Task, *, 
                                     key=key, desc="eval (greedy)", **sample)
         metrics["greedy_accuracy"] = score_samples(task, examples, prompts, greedy, 1, **score)["pass@1"]
     return metrics
+
+
+def evaluate_checkpoint(config) -> dict:
+    """R1-protocol metrics of `config.model` (a run's `TrainConfig`) on the task's held-out problems, no
+    training: sampled exactly as a run's own evaluation samples them (same mesh, same prompt width)."""
+    task, model, params, tokenizer = load_run_inputs(config)
+    mesh = make_mesh(parse_mesh(config.mesh))
+    width = prompt_width(config, task, tokenizer)
+    return evaluate(model, shard_params(params, param_shardings(model, mesh)), tokenizer, task.eval, task,
+                    template=config.template, config=config.eval, max_prompt_len=config.max_prompt_len,
+                    prompt_width=width, mesh=mesh)

@@ -33,6 +33,7 @@ from grpo_jax.losses import (
     mask_truncated_completions,
     overlong_penalty,
     total_reward,
+    uses_reference,
 )
 from grpo_jax.logprobs import DEFAULT_LOGITS_CHUNK_MB, chunk_tokens_for, chunked_token_logps
 from grpo_jax.lora import with_adapter
@@ -143,11 +144,6 @@ class GRPOConfig:
     overlong_buffer_len: int = 0
     mask_truncated_completions: bool = False
 
-    @property
-    def needs_reference(self) -> bool:
-        """Whether the loss has a KL term, and so needs the reference policy's log-probs."""
-        return self.beta != 0.0
-
     def __post_init__(self):
         get_loss_type(self.loss_type)
         if self.importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
@@ -186,6 +182,11 @@ class GRPOConfig:
                 f"overlong_buffer_len {self.overlong_buffer_len} needs max_completion_length >= it, "
                 f"got {self.max_completion_length}"
             )
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether the loss has a KL term (beta > 0), and so needs a reference model."""
+        return uses_reference(self.beta)
 
     def check_rows(self, rows: int) -> None:
         """One update's rows must split evenly into minibatches and their micro-batches."""
@@ -324,7 +325,7 @@ class UpdateFn:
             if getattr(batch, name).shape != shape:
                 raise ValueError(f"TrainBatch.{name} has shape {getattr(batch, name).shape}, expected {shape}")
         cfg.check_rows(b)
-        if cfg.needs_reference and ref_params is None:
+        if cfg.uses_reference and ref_params is None:
             raise ValueError(f"beta={cfg.beta} needs ref_params for the KL term; pass them or set beta=0")
         if cfg.old_logps_from_sampler and batch.sampling_logps is None:
             raise ValueError(
@@ -450,7 +451,7 @@ class UpdateFn:
             old_logps = self._frozen_logps(self._policy(state.params, ref_params), minibatches)
         else:
             old_logps = None  # on-policy: grpo_loss uses stop_gradient(logps)
-        ref_logps = self._frozen_logps(ref_params, minibatches) if cfg.needs_reference else None
+        ref_logps = self._frozen_logps(ref_params, minibatches) if cfg.uses_reference else None
 
         def one_pass(carry, dropout_keys):
             step = functools.partial(self._optimizer_step, frozen=ref_params)

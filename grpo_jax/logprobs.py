@@ -72,7 +72,7 @@ def chunked_token_logps(
         chunk_tokens = chunk_tokens_for(model.config.vocab_size, DEFAULT_LOGITS_CHUNK_MB)
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    (b, t), d = tokens.shape, hidden.shape[-1]
+    b, t = tokens.shape
     m, k = chunk_layout(b, t, chunk_tokens)
     num_position_chunks = max(1, -(-t // k))
     pad = num_position_chunks * k - t

@@ -271,6 +271,11 @@ def log_importance_weights(logps, old_logps, mask, level: str) -> jax.Array:
     return (log_ratio * mask).sum(axis=1, keepdims=True) / jnp.maximum(mask.sum(axis=1, keepdims=True), 1.0)
 
 
+def uses_reference(beta: float) -> bool:
+    """Whether a KL weight `beta` puts the KL term in the loss, which then needs the reference's log-probs."""
+    return beta != 0.0
+
+
 def _check_loss_inputs(logps, old_logps, ref_logps, advantages, mask, entropies, beta, level):
     if logps.ndim != 2:
         raise ValueError(f"logps must be [B, T], got shape {logps.shape}")
@@ -279,7 +284,7 @@ def _check_loss_inputs(logps, old_logps, ref_logps, advantages, mask, entropies,
             raise ValueError(f"{name} has shape {array.shape} but logps has {logps.shape}; they must match")
     if advantages.shape != logps.shape[:1]:
         raise ValueError(f"advantages must be [B] = {logps.shape[:1]}, got shape {advantages.shape}")
-    if beta != 0.0 and ref_logps is None:
+    if uses_reference(beta) and ref_logps is None:
         raise ValueError(f"beta={beta} needs ref_logps for the KL term; pass them or set beta=0")
     if level not in IMPORTANCE_SAMPLING_LEVELS:
         raise ValueError(
@@ -358,7 +363,7 @@ def grpo_loss(
     per_token_kl = None if ref_logps is None else k3_kl(logps, ref_logps)
     if per_token_kl is not None and kl_bias_correction:
         per_token_kl = per_token_kl * ratio  # importance-weight the estimate: samples came from pi_old
-    if beta != 0.0:
+    if uses_reference(beta):
         per_token = per_token + beta * per_token_kl
 
     loss = variant.aggregate(per_token, mask, max_completion_length, totals)

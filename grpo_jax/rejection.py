@@ -7,7 +7,6 @@ Traces are stored as text, so a student with another tokenizer re-tokenizes them
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Sequence
 
@@ -16,7 +15,9 @@ import numpy as np
 
 from grpo_jax import rewards
 from grpo_jax.data import Task, render_prompt
+from grpo_jax.data.traces import read_traces, write_traces
 from grpo_jax.evaluate import Samples, Scorers, sample_completions, task_rewards
+from grpo_jax.runs import load_run_inputs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,8 +49,6 @@ def write_teacher_traces(config, out_path: str, rejection: RejectionConfig, num_
     """Rejection-sample `config.model` (a model directory or a finished run) on the first `num_prompts`
     training problems of `config.task`, prompted with `config.template` (a trainer `TrainConfig`), and
     write the passing traces to `out_path`. An existing file is reused (a rerun resumes)."""
-    from grpo_jax.trainer import load_run_inputs
-
     if not os.path.exists(out_path):
         task, model, params, tokenizer = load_run_inputs(config)
         records = rejection_sample(model, params, tokenizer, task.train[:num_prompts], task, template=config.template,
@@ -98,29 +97,4 @@ def select_passing(examples: Sequence[dict], prompts: Sequence[str], samples: Sa
                     "rewards": {name: None if np.isnan(scores[name][j]) else float(scores[name][j]) for name in names},
                     "teacher": teacher,
                 })
-    return records
-
-
-def write_traces(path: str, records: list[dict]) -> str:
-    """Write records as JSONL (via a temporary file, so a crash never leaves half a data set)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
-def read_traces(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no trace file at {path}: run rejection sampling first")
-    records = []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}, line {number}: not a JSON object ({e}); one trace per line") from None
     return records

@@ -517,12 +517,3 @@ def nan_mean_std(values: np.ndarray) -> tuple[float, float]:
     if present.size == 0:
         return math.nan, math.nan
     return float(present.mean()), float(present.std())
-
-
-def reward_stats(result: RewardResult) -> dict[str, float]:
-    """Logging scalars: `rewards/{name}/mean` and `/std` over the examples a function applies to (NaN
-    when it applies to none), plus `rewards/total/mean` and `/std` of the weighted sum."""
-    stats = {}
-    for name, values in {**result.per_function, "total": result.total}.items():
-        stats[f"rewards/{name}/mean"], stats[f"rewards/{name}/std"] = nan_mean_std(values)
-    return stats

@@ -13,11 +13,11 @@ The cache and the output buffers are created inside the program and carried by t
 them in place; nothing returns to the host until the rollout is complete.
 
 Compilation is bounded: sampling settings are static (`SamplingConfig`), batch size and max_new_tokens are
-static, and `generate` left-pads the prompt length up to a bucket (`prompt_length_bucket`), so a run with
+static, and `generate` left-pads the prompt length up to a bucket (`text.prompt_length_bucket`), so a run with
 prompts of many lengths compiles the sampler once per bucket. `trace_count()` counts the traces.
 
-    out = generate(model, params, prompts, key, prompt_mask=mask, num_samples=8, max_new_tokens=256,
-                   temperature=1.0, eos_ids=(eos,), stop_sequences=stop_sequences_for(tok, ["</answer>"]))
+    out = generate(model, params, prompts, key, prompt_mask=mask, group_size=8, max_new_tokens=256,
+                   temperature=1.0, eos_ids=(eos,), stop_sequences=text.stop_sequences_for(tok, ["</answer>"]))
     out.tokens, out.mask, out.logps, out.lengths   # [B*G, N], [B*G, N], [B*G, N], [B*G]
 
 `generate` follows the prompts' placement (put them on a mesh with `sharding.batch_sharding`). To build
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 from collections.abc import Callable, Iterable, Sequence
 
 import flax
@@ -40,8 +39,8 @@ from jax.sharding import PartitionSpec as P
 
 from grpo_jax.models.transformer import KVCache, Transformer, positions_from_mask, unstack_layers
 from grpo_jax.sharding import batch_shards
+from grpo_jax.text import prompt_length_bucket
 
-_MIN_PROMPT_BUCKET = 16
 MIN_PHASE_TOKENS = 64
 DONE_CHECK_EVERY = 8  # decode steps between tests that every row is done, when the rows span devices
 _trace_counter = 0
@@ -71,7 +70,7 @@ class SamplingConfig:
     then on. A row also ends when its last k generated tokens equal a stop sequence of length k.
     """
 
-    num_samples: int = 1
+    group_size: int = 1  # samples per prompt: a GRPO group, or an evaluation's k
     max_new_tokens: int = 256
     temperature: float = 1.0
     top_p: float = 1.0
@@ -81,7 +80,7 @@ class SamplingConfig:
     stop_sequences: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self):
-        _require_int(self.num_samples, "num_samples", minimum=1)
+        _require_int(self.group_size, "group_size", minimum=1)
         _require_int(self.max_new_tokens, "max_new_tokens", minimum=1)
         _require_int(self.top_k, "top_k", minimum=0)
         _require_int(self.min_new_tokens, "min_new_tokens", minimum=0)
@@ -124,14 +123,14 @@ def _require_int(value, name: str, minimum: int) -> None:
 # ---------------------------------------------------------------------------------------------- sampling
 
 
-def _row_keys(key: jax.Array, num_prompts: int, num_samples: int, first_prompt: jax.Array | int = 0) -> jax.Array:
+def _row_keys(key: jax.Array, num_prompts: int, group_size: int, first_prompt: jax.Array | int = 0) -> jax.Array:
     """One key per row from (prompt index, sample index): a row's randomness ignores the rest of the batch.
 
     `first_prompt` is the batch-wide index of the first of these prompts (a device holding a slice)."""
     prompt_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, first_prompt + jnp.arange(num_prompts))
-    sample_ids = jnp.arange(num_samples)
+    sample_ids = jnp.arange(group_size)
     row_keys = jax.vmap(lambda k: jax.vmap(jax.random.fold_in, (None, 0))(k, sample_ids))(prompt_keys)
-    return row_keys.reshape((num_prompts * num_samples,) + row_keys.shape[2:])
+    return row_keys.reshape((num_prompts * group_size,) + row_keys.shape[2:])
 
 
 def _truncated_choice(keys: jax.Array, scaled_bv: jax.Array, top_k: int, top_p: float) -> jax.Array:
@@ -164,7 +163,7 @@ def _first_argmax(x: jax.Array) -> jax.Array:
     On XLA:CPU as a max and then a min over the indices that reach it: argmax's (value, index) reduction
     runs as a scalar loop, and XLA fuses the ops that produce `x` into it, so a sampler's Gumbel noise
     (a threefry hash and two logs per vocabulary entry) ran one element at a time; the two plain
-    reductions vectorize, and sampling took 2.3x less time (docs/benchmarks.md, P16). Elsewhere
+    reductions vectorize, and sampling took 2.3x less time (docs/benchmarks.md). Elsewhere
     `jnp.argmax`, where it was not measured."""
     if jax.default_backend() != "cpu":
         return jnp.argmax(x, axis=-1)
@@ -265,7 +264,7 @@ def make_generate_fn(
         done_check_every = done_check_interval(1 if per_replica else batch_shards(mesh))
     _require_int(done_check_every, "done_check_every", minimum=1)
     settings.check_vocab(model.config.vocab_size)
-    s, n, g = settings, settings.max_new_tokens, settings.num_samples
+    s, n, group_size = settings, settings.max_new_tokens, settings.group_size
     pad_id = model.config.pad_token_id or 0
     stop_window = max((len(seq) for seq in s.stop_sequences), default=1)
 
@@ -273,7 +272,7 @@ def make_generate_fn(
         global _trace_counter
         _trace_counter += 1
         b, p = prompts.shape
-        rows = b * g
+        rows = b * group_size
         prompt_mask = prompt_mask.astype(jnp.bool_)
         params = unstack_layers(params)  # once per rollout, not once per decode step
 
@@ -285,8 +284,8 @@ def make_generate_fn(
         )
         # Token t of a row sits at position (#real prompt tokens) + t, as positions_from_mask gives the
         # training forward on concat(prompt, completion).
-        prompt_lengths = jnp.repeat(prompt_mask.sum(axis=-1, dtype=jnp.int32), g)
-        keys = _row_keys(key, b, g, first_prompt)
+        prompt_lengths = jnp.repeat(prompt_mask.sum(axis=-1, dtype=jnp.int32), group_size)
+        keys = _row_keys(key, b, group_size, first_prompt)
 
         def sample_one(state):
             """Sample token `step` from the carried hidden state, then run it through the model.
@@ -301,8 +300,8 @@ def make_generate_fn(
 
         state = _LoopState(
             step=jnp.zeros((), jnp.int32),
-            cache=cache.repeat(g),
-            hidden=jnp.repeat(hidden[:, -1], g, axis=0),
+            cache=cache.repeat(group_size),
+            hidden=jnp.repeat(hidden[:, -1], group_size, axis=0),
             recent=jnp.full((rows, stop_window), -1, jnp.int32),
             done=jnp.zeros(rows, jnp.bool_),
             tokens=jnp.full((rows, n), pad_id, jnp.int32),
@@ -329,7 +328,7 @@ def _per_data_replica(generate_fn: Callable, mesh: Mesh) -> Callable:
     """`generate_fn` run by each replica of the mesh's `data` axis on its own prompts, in loops of its own.
 
     The loops test "every row is done" on the replica's rows only, so the replicas never wait for each
-    other until the rollout is complete (docs/benchmarks.md, P15). Row keys use the batch-wide prompt
+    other until the rollout is complete (docs/benchmarks.md). Row keys use the batch-wide prompt
     index, so every sample equals one device's. Only for meshes split over `data` alone: with `fsdp` or
     `tensor` left automatic inside, XLA's SPMD partitioner aborts the process on the embedding's gather
     (jax 0.10.2), so those meshes keep one loop over all rows (`done_check_every`).
@@ -372,7 +371,7 @@ def decode_phases(max_new_tokens: int, min_phase: int = MIN_PHASE_TOKENS) -> tup
     A decode step attends over every slot of its cache, filled or not, and at long lengths reading the
     cache is most of a step's time. So the cache starts with room for the first phase and grows by each
     phase's tokens: at 512 tokens the loop reads 42% fewer slots than with the whole cache from the start
-    (docs/benchmarks.md, P3). Each phase is its own compiled loop body; growing by a quarter at long
+    (docs/benchmarks.md). Each phase is its own compiled loop body; growing by a quarter at long
     lengths bounds their number (11 at 1,024 tokens, 17 at 4,096).
     """
     ends = [min(min_phase, max_new_tokens)]
@@ -400,11 +399,6 @@ def _replica_mesh(prompts) -> Mesh | None:
 
 
 # ---------------------------------------------------------------------------------------------- host API
-
-
-def prompt_length_bucket(length: int) -> int:
-    """The static prompt length a prompt of `length` tokens is padded to: the next power of two, >= 16."""
-    return max(_MIN_PROMPT_BUCKET, 1 << max(0, int(length) - 1).bit_length())
 
 
 def _check_prompts(model: Transformer, prompts, prompt_mask, settings: SamplingConfig):
@@ -460,7 +454,7 @@ def generate(
     key: jax.Array,
     *,
     prompt_mask: jax.Array | None = None,
-    num_samples: int = 1,
+    group_size: int = 1,
     max_new_tokens: int = 256,
     temperature: float = 1.0,
     top_p: float = 1.0,
@@ -469,12 +463,12 @@ def generate(
     min_new_tokens: int = 0,
     stop_sequences: Sequence[Sequence[int]] = (),
 ) -> Rollout:
-    """Sample `num_samples` completions of each left-padded prompt [B, P]; rows i*G .. i*G+G-1 are prompt i's.
+    """Sample `group_size` completions of each left-padded prompt [B, P]; rows i*G .. i*G+G-1 are prompt i's.
 
     Validates everything first, pads P to its bucket, and runs the cached compiled sampler.
     """
     settings = SamplingConfig(
-        num_samples=num_samples,
+        group_size=group_size,
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_p=top_p,
@@ -490,57 +484,3 @@ def generate(
     check_every = None if mesh else done_check_interval(_row_shards(prompts))  # None: make_generate_fn's, from mesh
     prompts, prompt_mask = pad_to_bucket(prompts, prompt_mask, model.config.pad_token_id or 0)
     return _cached_generate_fn(model, settings, check_every, mesh)(params, prompts, prompt_mask, key)
-
-
-# ---------------------------------------------------------------------------------------------- stop strings
-
-# Text that commonly precedes a stop string; the tokenization of the stop string is probed after each.
-_STOP_CONTEXTS = ("", "a", "1", " ", "\n", ".", ")", "42", "x ")
-
-
-def stop_sequences_for(tokenizer, strings: Iterable[str]) -> tuple[tuple[int, ...], ...]:
-    """Token-id sequences that, when generated, make the text end with one of `strings`.
-
-    For each string and each of a few typical preceding contexts, encode context + string and take the
-    shortest tail of ids whose decoded text ends with the string. Contexts where the tokenizer merges
-    the string with what precedes it give tails that contain context text; those are still correct
-    stops, just specific. Other spellings the model may produce are caught on the host by
-    `truncate_at_stop`.
-    """
-    found = set()
-    for string in strings:
-        if not string:
-            raise ValueError("stop strings must be non-empty")
-        for context in _STOP_CONTEXTS:
-            ids = list(tokenizer.encode(context + string, add_special_tokens=False))
-            for start in range(len(ids) - 1, -1, -1):
-                text = tokenizer.decode(ids[start:], clean_up_tokenization_spaces=False)
-                if text.endswith(string):
-                    found.add(tuple(ids[start:]))
-                    break
-    return tuple(sorted(found))
-
-
-def truncate_at_stop(text: str, strings: Iterable[str]) -> str:
-    """`text` up to and including the earliest occurrence of any of `strings` (unchanged if none occurs)."""
-    ends = [text.find(s) + len(s) for s in strings if s and s in text]
-    return text[: min(ends)] if ends else text
-
-
-# ---------------------------------------------------------------------------------------------- timing
-
-
-def benchmark_generate(model: Transformer, params, prompts, key, *, repeats: int = 3, **sampling) -> dict:
-    """Throughput of `generate` (compile excluded): best wall time over `repeats` calls and tokens/s.
-
-    `sampling` takes `generate`'s keyword arguments. `tokens_per_s` counts generated tokens (the mask).
-    """
-    out = generate(model, params, prompts, key, **sampling)
-    jax.block_until_ready(out)
-    best = float("inf")
-    for i in range(repeats):
-        start = time.perf_counter()
-        out = jax.block_until_ready(generate(model, params, prompts, jax.random.fold_in(key, i), **sampling))
-        best = min(best, time.perf_counter() - start)
-    tokens = int(np.asarray(out.mask).sum())
-    return {"seconds": best, "tokens": tokens, "tokens_per_s": tokens / best}

@@ -26,9 +26,12 @@ import jax.numpy as jnp
 from jax.experimental import multihost_utils
 
 from grpo_jax.checkpoint import CheckpointError, all_finite
+from grpo_jax.data import load_task, render_prompt
 from grpo_jax.lora import ADAPTER_DIR, merge, save_peft_adapter, split_adapter
+from grpo_jax.models import load_pretrained, load_tokenizer, save_pretrained
 from grpo_jax.models.hf import read_json
 from grpo_jax.sharding import is_main_process, to_host
+from grpo_jax.text import bucket_length, check_prompt_lengths
 
 FINAL_DIR = "final"
 # What a user can fix (a flag, a file, a diverged run's learning rate): the scripts print these as one line.
@@ -78,8 +81,6 @@ def load_policy(model: str | os.PathLike, dtype: str = "float32", remat: bool = 
     """(path, model, params, tokenizer) a stage starts from: `resolve_init(model)` loaded in `dtype`
     ("float32" or "bfloat16"), with its tokenizer checked against the model's vocabulary; `remat` sets
     `Transformer.remat` (less activation memory in training's backward, same numbers)."""
-    from grpo_jax.models import load_pretrained, load_tokenizer
-
     path = resolve_init(model)
     transformer, params = load_pretrained(path, dtype=jnp.dtype(dtype))
     tokenizer = load_tokenizer(path)
@@ -89,6 +90,27 @@ def load_policy(model: str | os.PathLike, dtype: str = "float32", remat: bool = 
             f"{transformer.config.vocab_size}: they do not belong together"
         )
     return path, dataclasses.replace(transformer, remat=remat), params, tokenizer
+
+
+def load_run_inputs(config):
+    """(task, model, params, tokenizer) of a run (a `TrainConfig`), with the tokenizer checked against the
+    model and, with LoRA, the adapter's config on the model."""
+    task = load_task(config.task, data_path=config.data, seed=config.seed, num_train=config.num_train,
+                     num_eval=config.num_eval, reward_funcs=config.reward_funcs, reward_weights=config.reward_weights,
+                     **config.task_options)
+    _, model, params, tokenizer = load_policy(config.model, config.dtype, config.remat)
+    if config.lora.enabled:
+        model = dataclasses.replace(model, lora=config.lora)
+    return task, model, params, tokenizer
+
+
+def prompt_width(config, task, tokenizer) -> int:
+    """A run's fixed prompt width (one compile): its longest rendered prompt, train or eval, bucketed, at
+    most `config.max_prompt_len`."""
+    texts = [render_prompt(config.template, ex, tokenizer) for ex in task.train + task.eval]
+    lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    check_prompt_lengths(lengths, config.max_prompt_len, config.truncate_prompts)  # before any compile
+    return min(bucket_length(max(lengths)), config.max_prompt_len)
 
 
 RUN_MARKER = "grpo_jax_run"  # a key of the config.json that a stage writes: the directory is a run of ours
@@ -189,8 +211,6 @@ def export_policy(model, params, tokenizer, out_dir: str, base_model: str | None
     Collective: every process must call it (the params are gathered); process 0 writes. Non-finite weights
     are never exported (a FloatingPointError).
     """
-    from grpo_jax.models import save_pretrained
-
     params, adapter = split_adapter(params)
     if adapter is not None:
         params = merge(params, adapter, model.lora)

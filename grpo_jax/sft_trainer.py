@@ -19,9 +19,9 @@ from collections.abc import Sequence
 
 from grpo_jax.checkpoint import Checkpointer, sigterm_caught
 from grpo_jax.data import render_prompt
+from grpo_jax.data.traces import read_traces
 from grpo_jax.lora import LoraConfig
 from grpo_jax.metrics import MetricsWriter, plot_metrics
-from grpo_jax.rejection import read_traces
 from grpo_jax.runs import (
     FINAL_DIR,
     Preempted,

@@ -32,7 +32,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from grpo_jax.lora import adapter_logical_axes, adapter_shapes
-from grpo_jax.models.transformer import KVCache, Transformer
+from grpo_jax.models.transformer import Transformer
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -227,16 +227,6 @@ def check_batch_divisible(global_batch: int, mesh: Mesh, what: str = "global bat
             f"{what} {global_batch} is not divisible by data*fsdp = {shards} (mesh "
             f"{','.join(f'{a}={mesh.shape[a]}' for a in MESH_AXES)}); use a multiple of {shards}"
         )
-
-
-def kv_cache_sharding(model: Transformer, mesh: Mesh) -> KVCache:
-    """Shardings of a `KVCache` for the sampler: rows over (data, fsdp), kv heads over tensor when divisible.
-
-    `k` and `v` are tuples with one sharding per layer, like the cache's per-layer buffers ([B, Hkv, ...]).
-    """
-    heads = "tensor" if model.config.num_kv_heads % mesh.shape["tensor"] == 0 else None
-    per_layer = (NamedSharding(mesh, P(BATCH_AXES, heads, None, None)),) * model.config.num_layers
-    return KVCache(k=per_layer, v=per_layer, valid=batch_sharding(mesh, 2), index=NamedSharding(mesh, P()))
 
 
 # ---------------------------------------------------------------------------------------- multi-host

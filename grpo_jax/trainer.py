@@ -23,27 +23,13 @@ from tqdm.auto import tqdm
 
 from grpo_jax import rewards as reward_lib
 from grpo_jax.checkpoint import Checkpointer, abstract_with_shardings, resume_advice, sigterm_caught
-from grpo_jax.data import load_task, render_prompt, reward_inputs
-from grpo_jax.evaluate import STOP_STRINGS, EvalConfig, evaluate, tokenizer_eos_ids
-from grpo_jax.lora import LoraConfig, init_adapter, make_rollout_params, with_adapter
-from grpo_jax.grpo import (
-    GRPOConfig,
-    TrainBatch,
-    TrainState,
-    dynamic_sampling_keep,
-    group_advantages,
-    make_update_fn,
-    mask_truncated_completions,
-    overlong_penalty,
-)
+from grpo_jax.data import render_prompt, reward_inputs
+from grpo_jax.evaluate import EvalConfig, evaluate
+from grpo_jax.grpo import GRPOConfig
+from grpo_jax.lora import LoraConfig, with_adapter
 from grpo_jax.metrics import MetricsWriter, log_evaluation, plot_metrics
 from grpo_jax.optim import OptimizerConfig, make_optimizer
-from grpo_jax.rollout import (
-    SamplingConfig,
-    make_generate_fn,
-    stop_sequences_for,
-    truncate_at_stop,
-)
+from grpo_jax.rollout import SamplingConfig, make_generate_fn
 from grpo_jax.runs import (
     FINAL_DIR,
     Preempted,
@@ -51,8 +37,9 @@ from grpo_jax.runs import (
     check_output_dir,
     config_differences,
     export_policy,
-    load_policy,
+    load_run_inputs,
     prepare_output_dir,
+    prompt_width,
     run_config,
     write_json,
 )
@@ -62,14 +49,20 @@ from grpo_jax.sharding import (
     host_to_global,
     is_main_process,
     make_mesh,
-    param_shardings,
     parse_mesh,
     process_local_slice,
-    replicated,
-    shard_params,
     to_host,
 )
-from grpo_jax.text import bucket_length, check_prompt_lengths, completion_ids, decode_completions, encode_prompts
+from grpo_jax.step import GroupLayout, headline_metrics, init_training, loss_targets, reward_metrics, train_batch
+from grpo_jax.text import (
+    STOP_STRINGS,
+    completion_ids,
+    decode_completions,
+    encode_prompts,
+    stop_sequences_for,
+    tokenizer_eos_ids,
+    truncate_at_stop,
+)
 
 # Changing these between a run and its resumption is allowed; any other config change is refused.
 _RESUMABLE_FIELDS = ("steps", "eval_every", "save_every", "overwrite", "eval_before", "remat", "grpo.num_microbatches",
@@ -181,15 +174,6 @@ def prompt_order(num_examples: int, seed: int, position: int, count: int) -> np.
     return np.asarray(indices)
 
 
-def prompt_width(config: TrainConfig, task, tokenizer) -> int:
-    """The run's fixed prompt width (one compile): its longest rendered prompt, train or eval, bucketed,
-    at most `config.max_prompt_len`."""
-    texts = [render_prompt(config.template, ex, tokenizer) for ex in task.train + task.eval]
-    lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
-    check_prompt_lengths(lengths, config.max_prompt_len, config.truncate_prompts)  # before any compile
-    return min(bucket_length(max(lengths)), config.max_prompt_len)
-
-
 class Trainer:
     """Holds the compiled programs and the run's state; `run()` is the loop."""
 
@@ -198,7 +182,9 @@ class Trainer:
         cfg = config
         self.mesh = make_mesh(parse_mesh(cfg.mesh))
         check_batch_divisible(cfg.prompts_per_step, self.mesh, "prompts per step")
-        cfg.grpo.check_rows(cfg.prompts_per_step * cfg.group_size)
+        self.layout = GroupLayout(cfg.prompts_per_step, cfg.group_size,
+                                  process_local_slice(cfg.rows_per_step, self.mesh))
+        cfg.grpo.check_rows(self.layout.num_rows)
         self.task, self.model, params, self.tokenizer = load_run_inputs(cfg)
         self.prompt_width = prompt_width(cfg, self.task, self.tokenizer)
         if self.prompt_width + cfg.max_new_tokens > self.model.config.max_position_embeddings:
@@ -208,31 +194,17 @@ class Trainer:
             )
         self.eos_ids = tuple(tokenizer_eos_ids(self.tokenizer))
 
-        self.optimizer = make_optimizer(cfg.optim)
-        self.param_shardings = param_shardings(self.model, self.mesh)
-        params = shard_params(params, self.param_shardings)
-        if cfg.lora.enabled:
-            # The state trains the adapter; the base params stay frozen and are also the reference policy.
-            state = TrainState.create(init_adapter(jax.random.key(cfg.seed), self.model), self.optimizer)
-            self.ref_params = params
-        else:
-            state = TrainState.create(params, self.optimizer)
-            # The reference starts as a copy of the initial policy (a frozen copy: the state is donated).
-            self.ref_params = jax.tree.map(jnp.copy, params) if cfg.grpo.beta > 0 else None
-        self.state_shardings = state.shardings(self.model, self.mesh)
-        self.state = jax.device_put(state, self.state_shardings)
-        self._rollout_params = make_rollout_params(cfg.lora, self.param_shardings)
-
+        # With LoRA the state trains the adapter; the base params stay frozen and are also the reference.
+        setup = init_training(self.model, params, cfg.grpo, make_optimizer(cfg.optim), self.mesh, cfg.seed)
+        self.state, self.ref_params = setup.state, setup.ref_params
+        self.state_shardings, self.param_shardings = setup.state_shardings, setup.param_shardings
+        self.update, self._rollout_params = setup.update, setup.rollout_params
         self.sampling = SamplingConfig(
-            num_samples=cfg.group_size, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+            group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
             top_p=cfg.top_p, top_k=cfg.top_k, eos_ids=self.eos_ids,
             stop_sequences=stop_sequences_for(self.tokenizer, STOP_STRINGS),
         )
         self.generate = make_generate_fn(self.model, self.sampling, mesh=self.mesh)
-        self.update = make_update_fn(
-            self.model, cfg.grpo, self.optimizer,
-            jit_kwargs=dict(out_shardings=(self.state_shardings, replicated(self.mesh))), mesh=self.mesh,
-        )
         # The run really starts here: every input is checked, so a failed start has written nothing.
         if cfg.checkpoint_dir:
             check_checkpoint_dir(cfg)
@@ -322,70 +294,37 @@ class Trainer:
         cfg = self.config
         start = time.perf_counter()
         examples = self._step_examples(self.step)
-        texts, batch, out = self._rollout(self.step, examples)
+        texts, prompts, out = self._rollout(self.step, examples)
         tokens, comp_mask = to_host(out.tokens), to_host(out.mask)
         rollout_s = time.perf_counter() - start
-        rows = process_local_slice(cfg.prompts_per_step * cfg.group_size, self.mesh)
-        tokens, comp_mask = tokens[rows], comp_mask[rows]
+        tokens, comp_mask = tokens[self.layout.local_rows], comp_mask[self.layout.local_rows]
         result, extra = self._rewards(texts, examples, tokens, comp_mask)
-
-        total = result.total.astype(np.float32)
-        lengths = comp_mask.sum(axis=1)
-        if cfg.grpo.overlong_buffer_len:
-            total = total + np.asarray(overlong_penalty(lengths, cfg.max_new_tokens, cfg.grpo.overlong_buffer_len))
-        advantages = np.asarray(group_advantages(total, cfg.group_size, scale_rewards=cfg.grpo.scale_rewards,
-                                                 eps=cfg.grpo.advantage_eps, scored=result.scored))
-        train_mask = comp_mask
-        if cfg.grpo.mask_truncated_completions:
-            train_mask = np.asarray(mask_truncated_completions(tokens, comp_mask, self.eos_ids))
-        if cfg.grpo.dynamic_sampling:
-            # DAPO: groups whose samples all scored the same carry no signal; drop them from the loss.
-            keep = np.repeat(np.asarray(dynamic_sampling_keep(total, cfg.group_size)), cfg.group_size)
-            train_mask = train_mask * keep[:, None].astype(train_mask.dtype)
-
-        n, p = cfg.prompts_per_step * cfg.group_size, self.prompt_width
-
-        def to_global(x, shape):
-            return host_to_global(np.asarray(x), batch_sharding(self.mesh, len(shape)), shape)
-
-        train_batch = TrainBatch(
-            prompt_tokens=to_global(np.repeat(batch.tokens, cfg.group_size, axis=0), (n, p)),
-            prompt_mask=to_global(np.repeat(batch.mask, cfg.group_size, axis=0), (n, p)),
-            completion_tokens=to_global(tokens, (n, cfg.max_new_tokens)),
-            completion_mask=to_global(train_mask, (n, cfg.max_new_tokens)),
-            advantages=to_global(advantages.astype(np.float32), (n,)),
-            sampling_logps=out.logps if cfg.grpo.old_logps_from_sampler else None,
-        )
-        all_zero = not np.any(multihost_utils.process_allgather(np.abs(advantages).max()) > 0)
+        targets = loss_targets(result.total, tokens, comp_mask, self.layout, cfg.grpo, cfg.max_new_tokens,
+                               self.eos_ids, scored=result.scored)
+        sampling_logps = out.logps if cfg.grpo.old_logps_from_sampler else None
+        batch = train_batch(self.layout, prompts.tokens, prompts.mask, tokens, targets, self.mesh, sampling_logps)
+        all_zero = not np.any(multihost_utils.process_allgather(np.abs(targets.advantages).max()) > 0)
         if all_zero and cfg.skip_zero_advantage_updates:
             # Only the KL term would move the policy, and Adam would blow it up into a full-size step.
             update_metrics = {"skipped_zero_advantage": 1}
         else:
-            self.state, update_metrics = self.update(self.state, self.ref_params, train_batch)
+            self.state, update_metrics = self.update(self.state, self.ref_params, batch)
             update_metrics = {k: float(to_host(v)) for k, v in update_metrics.items()}
         step_s = time.perf_counter() - start
 
         gathered = lambda x: np.asarray(multihost_utils.process_allgather(np.asarray(x, np.float64), tiled=True))
-        all_totals, all_lengths = gathered(total), gathered(lengths)
+        lengths = gathered(targets.lengths)
+        metrics = reward_metrics(gathered(targets.rewards), lengths,
+                                 {name: gathered(v) for name, v in result.per_function.items()},
+                                 {name: gathered(v) for name, v in extra.items()}, self.layout)
         metrics = {
-            "reward/mean": float(all_totals.mean()),
-            "reward/std": float(all_totals.std()),
-            **{f"rewards/{name}/mean": float(np.nanmean(gathered(v))) for name, v in result.per_function.items()},
-            **{f"rewards/{name}/mean": float(np.nanmean(gathered(v))) for name, v in extra.items()},
-            "completion_length/mean": float(all_lengths.mean()),
-            "completion_length/max": float(all_lengths.max()),
-            "frac_zero_variance_groups": float(np.mean(all_totals.reshape(-1, cfg.group_size).std(axis=1) == 0)),
-            "rollout_tokens_per_s": float(all_lengths.sum() / max(rollout_s, 1e-9)),
+            **metrics,
+            "rollout_tokens_per_s": float(lengths.sum() / max(rollout_s, 1e-9)),
             "rollout_s": rollout_s,
             "step_time_s": step_s,
             **update_metrics,
         }
-        for name in result.per_function:
-            if "format" in name:
-                metrics["format_rate"] = metrics[f"rewards/{name}/mean"]
-            elif "accuracy" in name or "countdown" in name:
-                metrics["accuracy"] = metrics[f"rewards/{name}/mean"]
-        return metrics
+        return {**metrics, **headline_metrics(metrics, result.per_function)}
 
     # ------------------------------------------------------------------ the loop
 
@@ -518,25 +457,3 @@ def check_checkpoint_dir(config: TrainConfig) -> None:
     if differs:
         raise ValueError(f"--checkpoint_dir {config.checkpoint_dir} holds the checkpoints of another run "
                          f"({', '.join(differs)} differ): pick another --checkpoint_dir")
-
-
-def load_run_inputs(config: TrainConfig):
-    """(task, model, params, tokenizer) of a run, with the tokenizer checked against the model."""
-    task = load_task(config.task, data_path=config.data, seed=config.seed, num_train=config.num_train,
-                     num_eval=config.num_eval, reward_funcs=config.reward_funcs, reward_weights=config.reward_weights,
-                     **config.task_options)
-    _, model, params, tokenizer = load_policy(config.model, config.dtype, config.remat)
-    if config.lora.enabled:
-        model = dataclasses.replace(model, lora=config.lora)
-    return task, model, params, tokenizer
-
-
-def evaluate_checkpoint(config: TrainConfig) -> dict:
-    """R1-protocol metrics of `config.model` on the task's held-out problems (no training), sampled
-    exactly as a run's own evaluation samples them (same mesh, same prompt width)."""
-    task, model, params, tokenizer = load_run_inputs(config)
-    mesh = make_mesh(parse_mesh(config.mesh))
-    width = prompt_width(config, task, tokenizer)
-    return evaluate(model, shard_params(params, param_shardings(model, mesh)), tokenizer, task.eval, task,
-                    template=config.template, config=config.eval, max_prompt_len=config.max_prompt_len,
-                    prompt_width=width, mesh=mesh)

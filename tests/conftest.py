@@ -40,5 +40,12 @@ def tiny_model(request):
     return model, model.init(jax.random.key(0), std=0.3)
 
 
+def needs_devices(count: int):
+    """Skip a test whose mesh needs `count` devices where fewer exist: the 8 host CPU devices above exist on
+    CPU, but on a GPU or TPU machine jax sees only its accelerators (one GPU: one device)."""
+    return pytest.mark.skipif(jax.device_count() < count,
+                              reason=f"needs {count} devices, jax has {jax.device_count()}")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: end-to-end and real-model tests (still run in CI)")

@@ -288,7 +288,7 @@ def test_rollout_of_merged_and_unmerged_weights_gives_the_same_samples():
     rng = np.random.default_rng(0)
     prompts = jnp.asarray(rng.integers(1, 64, (2, 6)), jnp.int32)
     mask = jnp.ones((2, 6), jnp.int32).at[0, :2].set(0)
-    generate = make_generate_fn(model, SamplingConfig(num_samples=3, max_new_tokens=10, temperature=1.0))
+    generate = make_generate_fn(model, SamplingConfig(group_size=3, max_new_tokens=10, temperature=1.0))
     outs = [generate(make_rollout_params(dataclasses.replace(LORA, merged_rollout=merged))(base, adapter), prompts,
                      mask, jax.random.key(5)) for merged in (True, False)]
     np.testing.assert_array_equal(np.asarray(outs[0].tokens), np.asarray(outs[1].tokens))

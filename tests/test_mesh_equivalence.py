@@ -4,6 +4,7 @@ full fine-tune and for a LoRA adapter on the frozen base."""
 import jax
 import numpy as np
 import pytest
+from conftest import needs_devices
 
 from grpo_jax.grpo import GRPOConfig, TrainBatch, TrainState, make_update_fn
 from grpo_jax.lora import LoraConfig, init_adapter, merge
@@ -28,7 +29,7 @@ LORA_MODEL = Transformer(CONFIG, lora=LoraConfig(rank=4, alpha=8.0))
 LORA_MESHES = [(2, 2, 2), (1, 1, 8)]
 OPTIMIZER = make_optimizer(OptimizerConfig(learning_rate=1e-3))
 GRPO = GRPOConfig(beta=0.04, num_microbatches=2)  # micro-batches of 8 rows: summed per data replica
-SAMPLING = SamplingConfig(num_samples=2, max_new_tokens=NEW, temperature=0.0, eos_ids=(3, 7, 11))
+SAMPLING = SamplingConfig(group_size=2, max_new_tokens=NEW, temperature=0.0, eos_ids=(3, 7, 11))
 
 
 def inputs():
@@ -85,12 +86,14 @@ def single_device_lora():
 
 
 @pytest.mark.slow
+@needs_devices(8)
 @pytest.mark.parametrize("axes", MESHES, ids=["x".join(map(str, a)) for a in MESHES])
 def test_update_and_rollout_on_a_mesh_equal_one_device(single_device, axes):
     check_equal(run(make_mesh(MeshConfig(*axes))), single_device, axes)
 
 
 @pytest.mark.slow
+@needs_devices(8)
 @pytest.mark.parametrize("axes", LORA_MESHES, ids=["x".join(map(str, a)) for a in LORA_MESHES])
 def test_lora_update_and_rollout_on_a_mesh_equal_one_device(single_device_lora, axes):
     check_equal(run(make_mesh(MeshConfig(*axes)), LORA_MODEL), single_device_lora, axes)

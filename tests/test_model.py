@@ -199,8 +199,11 @@ def test_remat_keeps_only_the_projections_and_changes_no_number():
     value, grads = jax.value_and_grad(loss(plain))(params)
     remat_value, remat_grads = jax.value_and_grad(loss(remat))(params)
     np.testing.assert_allclose(remat_value, value, rtol=1e-6)
+    # A GPU's matmuls sum in a kernel-chosen order, which the recomputed forward need not repeat: on an H200
+    # 3 of 2,048 gradient elements differed by ~6e-6. CPU keeps the tight bound.
+    atol = 1e-6 if jax.default_backend() == "cpu" else 2e-5
     for got, want in zip(jax.tree.leaves(remat_grads), jax.tree.leaves(grads)):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=atol)
     (plain_bytes, plain_scores), (remat_bytes, remat_scores) = saved_bytes(plain), saved_bytes(remat)
     assert plain_scores and not remat_scores
     assert remat_bytes < plain_bytes / 2

@@ -39,7 +39,7 @@ def test_distill_smoke_writes_the_comparison(tmp_path, cache_dir):
 
     from grpo_jax.demo_base import SHIPPED_DIR
     from grpo_jax.models import load_pretrained
-    from grpo_jax.rejection import read_traces
+    from grpo_jax.data.traces import read_traces
 
     out = tmp_path / "distill"
     proc = run_script("distill.py", "--preset", "smoke", "--output_dir", str(out), cache_dir=cache_dir)
@@ -92,7 +92,7 @@ def test_r1_pipeline_smoke_runs_every_stage_from_the_last(tmp_path, cache_dir):
 ])
 def test_bad_stage_inputs_are_one_line_errors(tmp_path, cache_dir, script, args, message):
     from grpo_jax.demo_base import SHIPPED_DIR
-    from grpo_jax.rejection import write_traces
+    from grpo_jax.data.traces import write_traces
 
     (tmp_path / "unfinished" / "checkpoints").mkdir(parents=True)
     traces = write_traces(str(tmp_path / "traces.jsonl"), [{"prompt": "1+1=", "completion": " 2"}])
@@ -106,7 +106,7 @@ def test_bad_stage_inputs_are_one_line_errors(tmp_path, cache_dir, script, args,
 
 @pytest.mark.slow
 def test_r1_smollm2_smoke_runs_cold_start_and_rl_on_the_real_model(tmp_path, cache_dir):
-    from grpo_jax.rejection import read_traces
+    from grpo_jax.data.traces import read_traces
 
     out = tmp_path / "r1"
     proc = run_script("r1.py", "--preset", "smollm2-smoke", "--output_dir", str(out), "--cpu_devices", "1",

@@ -4,7 +4,8 @@ import pytest
 
 from grpo_jax.data import Task
 from grpo_jax.evaluate import Samples
-from grpo_jax.rejection import read_traces, select_passing, write_traces
+from grpo_jax.data.traces import read_traces, write_traces
+from grpo_jax.rejection import select_passing
 from grpo_jax.rewards import accuracy_reward, format_reward
 
 EXAMPLES = [{"prompt": "1+1", "answer": "2"}, {"prompt": "2+3", "answer": "5"}]

@@ -15,7 +15,7 @@ from grpo_jax.rewards import (
     countdown_reward,
     format_reward,
     make_format_reward,
-    reward_stats,
+    nan_mean_std,
 )
 
 PLAIN_PROMPT = "User: 1+1?. Assistant:"
@@ -216,12 +216,9 @@ def test_compute_rewards_weights_and_none():
     np.testing.assert_allclose(result.total, [0.5, 1.0, 1.5])
     assert result.total.dtype == np.float32
     np.testing.assert_array_equal(result.per_function["half_if_answered"], [np.nan, 0.5, 0.5])
-    stats = reward_stats(result)
-    assert stats["rewards/half_if_answered/mean"] == 0.5 and stats["rewards/half_if_answered/std"] == 0.0
-    assert stats["rewards/constant/mean"] == pytest.approx(2 / 3)
-    assert stats["rewards/constant/std"] == pytest.approx(math.sqrt(2 / 9))
-    assert stats["rewards/total/mean"] == pytest.approx(1.0)
-    assert stats["rewards/total/std"] == pytest.approx(math.sqrt(1 / 6))
+    assert nan_mean_std(result.per_function["half_if_answered"]) == (0.5, 0.0)  # over the examples it applies to
+    assert nan_mean_std(result.per_function["constant"]) == (pytest.approx(2 / 3), pytest.approx(math.sqrt(2 / 9)))
+    assert nan_mean_std(result.total) == (pytest.approx(1.0), pytest.approx(math.sqrt(1 / 6)))
 
 
 def test_compute_rewards_with_the_builtin_rewards():
@@ -231,15 +228,15 @@ def test_compute_rewards_with_the_builtin_rewards():
     np.testing.assert_array_equal(result.total, [2.0, 1.0, 1.0])
 
 
-def test_reward_stats_of_a_function_that_never_applies_is_nan_without_warnings():
+def test_stats_of_a_function_that_never_applies_are_nan_without_warnings():
     def never(prompts, completions, **_):
         return [None] * len(prompts)
 
     result = compute_rewards([never], [1.0], ["p"] * 2, ["c"] * 2)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        stats = reward_stats(result)
-    assert math.isnan(stats["rewards/never/mean"]) and math.isnan(stats["rewards/never/std"])
+        mean, std = nan_mean_std(result.per_function["never"])
+    assert math.isnan(mean) and math.isnan(std)
     np.testing.assert_array_equal(result.total, [0.0, 0.0])
 
 

@@ -10,11 +10,13 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import needs_devices
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from grpo_jax import rollout
-from grpo_jax.rollout import SamplingConfig, generate, make_generate_fn, stop_sequences_for, truncate_at_stop
+from grpo_jax.rollout import SamplingConfig, generate, make_generate_fn
+from grpo_jax.text import prompt_length_bucket, stop_sequences_for, truncate_at_stop
 
 FIXTURES = Path(__file__).parent / "fixtures"
 NEW_TOKENS = 10  # greedy tests share this so they share one compile per family
@@ -101,7 +103,7 @@ def test_greedy_kv_cache_equals_full_forward_loop_and_stops(tiny_model):
     eos, stop = int(expected[0, 6]), (int(expected[1, 2]), int(expected[1, 3]))
     lengths = np.array([first_end(row, eos, stop) for row in expected])
 
-    out = generate(model, params, prompts, jax.random.key(0), prompt_mask=mask, num_samples=2,
+    out = generate(model, params, prompts, jax.random.key(0), prompt_mask=mask, group_size=2,
                    max_new_tokens=NEW_TOKENS, temperature=0.0, eos_ids=(eos,), stop_sequences=(stop,))
 
     np.testing.assert_array_equal(np.asarray(out.lengths), np.repeat(lengths, 2))
@@ -178,7 +180,7 @@ SAMPLES, SAMPLED_TOKENS = 1000, 6
 def sample_and_reference(model, params, **settings):
     """SAMPLES rows for each of 2 prompts, with float64 full-forward logits / T for every step."""
     prompts, mask = left_padded([4, 6], model.config.vocab_size, seed=3)
-    out = generate(model, params, prompts, jax.random.key(7), prompt_mask=mask, num_samples=SAMPLES,
+    out = generate(model, params, prompts, jax.random.key(7), prompt_mask=mask, group_size=SAMPLES,
                    max_new_tokens=SAMPLED_TOKENS, **settings)
     scaled = reference_logits(model, params, prompts, mask, np.asarray(out.tokens)) / settings["temperature"]
     return out, scaled
@@ -238,7 +240,7 @@ def test_top_k_top_p_sampling_fits_truncated_softmax(tiny_model):
 
 
 def test_sampler_draws_the_tokens_jax_random_categorical_draws():
-    """`_categorical` (Gumbel-max with the argmax as two plain reductions, P16) is a speed change only:
+    """`_categorical` (Gumbel-max with the argmax as two plain reductions) is a speed change only:
     for the same key, the same token as jax.random.categorical; `_first_argmax` is NumPy's argmax (the
     first maximum) on ties and on rows that are -inf everywhere."""
     logits = np.array(jax.random.normal(jax.random.key(0), (64, 50)))
@@ -257,14 +259,14 @@ def test_sampler_draws_the_tokens_jax_random_categorical_draws():
 
 
 def test_prompt_length_buckets():
-    assert [rollout.prompt_length_bucket(n) for n in (1, 16, 17, 33, 64, 65, 1000)] == [16, 16, 32, 64, 64, 128, 1024]
+    assert [prompt_length_bucket(n) for n in (1, 16, 17, 33, 64, 65, 1000)] == [16, 16, 32, 64, 64, 128, 1024]
 
 
 @pytest.mark.parametrize("tiny_model", ["qwen2"], indirect=True)
 def test_one_compile_per_bucket_and_rows_ignore_the_rest_of_the_batch(tiny_model):
     model, params = tiny_model
     vocab = model.config.vocab_size
-    kwargs = dict(num_samples=3, max_new_tokens=5, temperature=0.9)  # used by this test only
+    kwargs = dict(group_size=3, max_new_tokens=5, temperature=0.9)  # used by this test only
     before = rollout.trace_count()
     outs = [generate(model, params, p, jax.random.key(0), prompt_mask=m, **kwargs)
             for p, m in (left_padded(lengths, vocab, seed=4) for lengths in ([3, 2], [9, 4], [16, 1]))]
@@ -293,7 +295,7 @@ def test_growing_the_cache_in_phases_changes_no_sample(tiny_model):
     """Phases of 3 tokens (cache grown three times, rows ending in different phases) against one phase."""
     model, params = tiny_model
     prompts, mask = rollout.pad_to_bucket(*left_padded([3, 7, 5], model.config.vocab_size, seed=1))
-    one_phase = SamplingConfig(num_samples=4, max_new_tokens=11, temperature=1.0, eos_ids=(3, 5, 8))
+    one_phase = SamplingConfig(group_size=4, max_new_tokens=11, temperature=1.0, eos_ids=(3, 5, 8))
     outs = [make_generate_fn(model, one_phase, min_phase_tokens=m)(params, prompts, mask, jax.random.key(3))
             for m in (11, 3)]
     lengths = np.asarray(outs[0].lengths)
@@ -309,7 +311,7 @@ def test_testing_done_every_few_steps_changes_no_sample(tiny_model):
     steps run after the last row ended write padding only."""
     model, params = tiny_model
     prompts, mask = rollout.pad_to_bucket(*left_padded([3, 7, 5], model.config.vocab_size, seed=1))
-    settings = SamplingConfig(num_samples=4, max_new_tokens=30, temperature=1.0, eos_ids=tuple(range(3, 20)))
+    settings = SamplingConfig(group_size=4, max_new_tokens=30, temperature=1.0, eos_ids=tuple(range(3, 20)))
     outs = [make_generate_fn(model, settings, min_phase_tokens=3, done_check_every=k)(params, prompts, mask,
                                                                                      jax.random.key(3))
             for k in (1, 2, 4)]
@@ -323,13 +325,14 @@ def test_testing_done_every_few_steps_changes_no_sample(tiny_model):
         make_generate_fn(model, settings, done_check_every=0)
 
 
+@needs_devices(2)
 @pytest.mark.parametrize("tiny_model", ["qwen2"], indirect=True)
 def test_sharded_over_a_data_mesh_gives_the_same_rollout(tiny_model):
     """One loop over rows split by GSPMD, one loop per data replica (rows ending at different steps on the
     two replicas), and `generate` on prompts already on the mesh: all sample what one device samples."""
     model, params = tiny_model
     prompts, mask = rollout.pad_to_bucket(*left_padded([3, 7, 5, 4], model.config.vocab_size))
-    sampling = dict(num_samples=3, max_new_tokens=12, temperature=0.8, eos_ids=tuple(range(3, 20)))
+    sampling = dict(group_size=3, max_new_tokens=12, temperature=0.8, eos_ids=tuple(range(3, 20)))
     settings = SamplingConfig(**sampling)
     mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     rows, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
@@ -364,7 +367,7 @@ def test_settings_normalize_single_token_stops_into_eos():
     "overrides, message",
     [
         (dict(max_new_tokens=2045), "exceeds the model's context of 2048"),
-        (dict(num_samples=0), "num_samples must be an integer >= 1"),
+        (dict(group_size=0), "group_size must be an integer >= 1"),
         (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
         (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
         (dict(temperature=-0.1), "temperature must be >= 0"),

@@ -11,13 +11,14 @@ import stat
 import jax
 import numpy as np
 import pytest
+from conftest import needs_devices
 
 from grpo_jax.checkpoint import Checkpointer
 from grpo_jax.demo_base import SHIPPED_DIR, train_tokenizer
 from grpo_jax.lora import LoraConfig
 from grpo_jax.models import ModelConfig, Transformer, load_pretrained, load_tokenizer, save_pretrained
 from grpo_jax.optim import make_optimizer
-from grpo_jax.rejection import read_traces, write_traces
+from grpo_jax.data.traces import read_traces, write_traces
 from grpo_jax.runs import export_policy, prepare_output_dir, resolve_init
 from grpo_jax.sft import SFTConfig, iterate_batches, pack_documents, sft_train
 from grpo_jax.sft_trainer import SFTRunConfig, run_sft, sft_examples
@@ -86,6 +87,7 @@ def train(steps, lora=None, **kwargs):
                      **kwargs)
 
 
+@needs_devices(8)
 @pytest.mark.parametrize("lora", [None, LORA], ids=["full", "lora"])
 def test_sharded_sft_equals_single_device(lora):
     single, _ = train(6, lora)

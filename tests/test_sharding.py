@@ -17,14 +17,15 @@ from jax.sharding import PartitionSpec as P
 
 from grpo_jax.lora import LoraConfig
 from grpo_jax.models import ModelConfig, Transformer
+from grpo_jax.models.transformer import KVCache
 from grpo_jax.sharding import (
+    BATCH_AXES,
     MeshConfig,
     batch_sharding,
     check_batch_divisible,
     host_to_global,
     initialize_distributed,
     is_main_process,
-    kv_cache_sharding,
     make_mesh,
     opt_state_shardings,
     param_shardings,
@@ -253,6 +254,14 @@ def test_kv_cache_sharded_prefill_equals_single_device():
         assert_close(cache.v[layer], expected_cache.v[layer])
     assert_close(logits, expected_logits)
     assert kv_cache_sharding(Transformer(GQA), mesh_of(1, 1, 8)).k[0].spec == P(("data", "fsdp"), None, None, None)
+
+
+def kv_cache_sharding(model: Transformer, mesh) -> KVCache:
+    """Shardings of a `KVCache`: rows over (data, fsdp), kv heads over tensor when divisible; `k` and `v` hold
+    one sharding per layer, like the cache's per-layer buffers ([B, Hkv, ...])."""
+    heads = "tensor" if model.config.num_kv_heads % mesh.shape["tensor"] == 0 else None
+    per_layer = (NamedSharding(mesh, P(BATCH_AXES, heads, None, None)),) * model.config.num_layers
+    return KVCache(k=per_layer, v=per_layer, valid=batch_sharding(mesh, 2), index=NamedSharding(mesh, P()))
 
 
 # ---------------------------------------------------------------------------------------- multi-host

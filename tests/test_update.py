@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import needs_devices
 
 from grpo_jax.grpo import GRPOConfig, TrainBatch, TrainState, group_advantages, grpo_loss, make_update_fn
 from grpo_jax.models import ModelConfig, Transformer
@@ -234,7 +235,8 @@ def test_micro_batched_minibatches_match(adam_update):
                                    err_msg=name)
 
 
-@pytest.mark.parametrize("axes", [(4, 1, 1), (2, 2, 1), (8, 1, 1)], ids=["data4", "data2xfsdp2", "data8"])
+@pytest.mark.parametrize("axes", [pytest.param(axes, marks=needs_devices(math.prod(axes)))
+                                  for axes in [(4, 1, 1), (2, 2, 1), (8, 1, 1)]], ids=["data4", "data2xfsdp2", "data8"])
 def test_micro_batch_gradients_summed_per_replica_match_one_device(adam_update, axes):
     """On a mesh the update sums each data replica's micro-batch gradients on its own devices and adds the
     replicas' sums once per optimizer step (`UpdateFn._per_replica`): the same step as on one device.

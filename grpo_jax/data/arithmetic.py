@@ -31,7 +31,9 @@ import random
 import re
 from collections.abc import Callable, Sequence
 
+from grpo_jax import rewards
 from grpo_jax.data.task import Task
+from grpo_jax.data.templates import r1zero_template
 
 SUPPORTED_OPS = {"+": operator.add, "-": operator.sub}
 HELD_OUT_PER_MILLE = 100  # 10% of all problems are reserved for evaluation
@@ -130,8 +132,6 @@ def make_arithmetic_task(
     `seed`. Rewarded by format and strict (tagged) accuracy; accuracy wherever the answer is written
     is reported as a metric.
     """
-    from grpo_jax import rewards  # lazy: rewards imports the task registry, which imports this module
-
     difficulty = (digits, num_operands, tuple(ops))
     _check_difficulty(*difficulty)
     evals = _draw_unique(random.Random(f"arithmetic:{seed}:eval"), num_eval, True, difficulty, "held-out")
@@ -277,12 +277,6 @@ def worked_solution(example: dict, method: str = "columns") -> str:
     return format_response(steps, answer, tagged=True)
 
 
-def _default_template() -> Callable[[str], str]:
-    from grpo_jax.data import r1zero_template  # lazy: grpo_jax.data registers this module's task
-
-    return r1zero_template
-
-
 def make_document(problem: Problem, rng: random.Random, mix: CorpusMix, template: Callable[[str], str]) -> str:
     """One pretraining document: a framed question and an answer drawn from `mix`."""
     in_template = rng.random() < mix.template_fraction
@@ -312,7 +306,7 @@ def pretraining_corpus(
     """
     difficulty = (digits, num_operands, tuple(ops))
     _check_difficulty(*difficulty)
-    template = template or _default_template()
+    template = template or r1zero_template
     rng = random.Random(f"arithmetic-corpus:{seed}")
     docs = []
     while len(docs) < num_docs:
