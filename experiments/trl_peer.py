@@ -1,4 +1,5 @@
-"""Run the TRL peer benchmark (`../shared/peers/trl_bench.py`) with its constants taken from the environment.
+"""Run TRL's GRPOTrainer benchmark script (`trl_bench.py`, from the peer benchmark set) with its constants taken
+from the environment.
 
 The peer script hard-codes 64 new tokens, 2 threads and its repetition counts. This runs the script's own
 source with exactly these substitutions and nothing else, so the long-completion and one-thread workloads of
@@ -14,7 +15,7 @@ and crashes after every timing, before it writes PEER_OUT.
 
 Run it with the peer's own venv (the script's header says how to make one), not this project's:
   PEER_MAX_NEW=512 PEER_MODEL_DIR=$PWD/peer-tiny-qwen2 PEER_OUT=$PWD/trl_512.json \
-    /work/peer-venv/bin/python experiments/trl_peer.py /work/shared/peers/trl_bench.py
+    PEER_VENV/bin/python experiments/trl_peer.py PEERS/trl_bench.py
 """
 
 import os

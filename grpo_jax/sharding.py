@@ -265,7 +265,7 @@ def use_cpu_devices(count: int | None) -> int | None:
     Why: a decode step is a chain of ops mostly too small to split over cores, so XLA:CPU runs them one
     at a time with the other cores idle. A mesh's `data` axis over `count` CPU devices gives each core
     its own shard of the rows, so the shards' chains run side by side: on 2 cores the rollout was
-    1.35-1.38x faster (docs/benchmarks.md, P11). Rows must then divide by `count`, and sums over the
+    1.35-1.38x faster (docs/benchmarks.md, "Design decisions"). Rows must then divide by `count`, and sums over the
     batch (losses, gradients) are reduced across devices, so results agree with one device up to float
     rounding.
     """

@@ -11,7 +11,7 @@ import numpy as np
 from grpo_jax.grpo import GRPOConfig
 from grpo_jax.models import ModelConfig
 
-# The peers' tiny Qwen2 (shared/peers/README.md): 3,035,392 parameters.
+# The tiny Qwen2 of the peer benchmark set (TRL's and Tunix's scripts): 3,035,392 parameters.
 PEER_MODEL = "vocab=512,hidden=256,ffn=688,layers=4,heads=4,kv_heads=2"
 # Named shapes for --random_model. Qwen2.5-0.5B's shape (494 M parameters) is the GPU workload.
 NAMED_RANDOM_MODELS = {

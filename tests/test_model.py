@@ -157,7 +157,7 @@ def test_blockwise_causal_attention_equals_full_attention():
 @pytest.mark.parametrize("head_dim", [16, 64])
 def test_decode_step_attention_equals_plain_attention_on_each_path(monkeypatch, backend, head_dim):
     """A decode step's scores are a multiply-and-reduce over the transposed keys on XLA:CPU with head dims
-    >= 32 and a batched dot otherwise (P10, P12); each path gives `attention`'s outputs over the cache."""
+    >= 32 and a batched dot otherwise; each path gives `attention`'s outputs over the cache."""
     b, hq, hkv, slots = 3, 4, 2, 7
     keys = jax.random.split(jax.random.key(0), 3)
     q = jax.random.normal(keys[0], (b, 1, hq, head_dim))

@@ -52,7 +52,7 @@ class KVCache:
     updates each buffer in place and reads it whole; with a stacked cache XLA:CPU copies (and transposes)
     a layer's slice out of the stack on every step. Keys are stored transposed, [B, Hkv, hd, S], values as
     [B, Hkv, S, hd], so that a decode step reads both in order: its scores q [G, hd] x k [hd, S] run along
-    the slots, its weighted sum probs [G, S] x v [S, hd] along the head dim (docs/benchmarks.md, P10).
+    the slots, its weighted sum probs [G, S] x v [S, hd] along the head dim (docs/benchmarks.md, "Design decisions").
     """
 
     k: tuple[jax.Array, ...]  # L arrays [B, Hkv, hd, S]
@@ -158,7 +158,7 @@ def causal_attention(q, k, v, mask, block: int = QUERY_BLOCK, blocked_beyond: in
     queries go in blocks of `block` rows and a block attends only to the keys before its end: at
     T = 520 that computes (and saves for the backward) 56% of the square. The blocks work heads-major
     ([B, Hkv, G*block, hd] against [B, Hkv, S, hd]), where the dots are plain batched matmuls: with the
-    blocks, 1.4x faster forward + backward than `attention` on CPU at T = 520 (docs/benchmarks.md, P4).
+    blocks, 1.4x faster forward + backward than `attention` on CPU at T = 520 (docs/benchmarks.md, "Design decisions").
     Shorter sequences keep `attention`, so that their results stay bit for bit (the layout would speed
     their attention up too; not applied, not measured on a whole update).
     On a GPU in half precision, cuDNN's flash attention does it instead (`fused_causal_attention`).
@@ -208,8 +208,8 @@ def cached_attention(q, k, v, mask):
     transposed keys [hd, S], then weights the values [S, hd]. On XLA:CPU with a head dim >= 32 the scores
     are a multiply-and-reduce over hd, which it runs as a loop vectorized along the slots; a shorter head
     dim reduces poorly that way, and there the batched dot wins (measured per shape in
-    docs/benchmarks.md, P1 and P10). Elsewhere the batched dot: on an H100 the multiply-and-reduce made
-    the rollout 1.5-1.7x slower (P12; TPUs not measured). Longer queries (a prefill, once per rollout) go
+    docs/benchmarks.md, "Design decisions"). Elsewhere the batched dot: on an H100 the multiply-and-reduce made
+    the rollout 1.5-1.7x slower (TPUs not measured). Longer queries (a prefill, once per rollout) go
     through `attention`.
     """
     b, t, hq, hd = q.shape
@@ -233,7 +233,7 @@ def dense(x: jax.Array, w: jax.Array) -> jax.Array:
     its operands transposed for that dot. Left to itself it fuses the elementwise gradient feeding `dy`
     (SiLU's, RoPE's) into that transposed copy, a strided loop that took 30% of forward + backward; an
     optimization barrier keeps them apart, so the elementwise loop runs in order and the transpose is a
-    plain copy (docs/benchmarks.md, P5). The barrier is applied on CPU only, where it was measured.
+    plain copy (docs/benchmarks.md, "Design decisions"). The barrier is applied on CPU only, where it was measured.
     """
     return x @ w
 
