@@ -190,7 +190,8 @@ class CommandLine:
                 continue
             shown = f"same as --{flag_name(DERIVED[path])}" if path in DERIVED else _shown(path, value)
             text = texts.get(path, texts.get(name, ""))
-            text = text if path in required else f"{text} (default: {shown})".lstrip()
+            if path not in required and "(default" not in text:  # a help text may say its default in words
+                text = f"{text} (default: {shown})".lstrip()
             self.pending.append((name, (f"--{name}",), {"dest": path, "help": text, "metavar": name.upper(),
                                                            "required": path in required, **_parse_rule(path, kind)}))
             if path == "truncate_prompts":  # the spelling the scripts have always taken
