@@ -42,7 +42,7 @@ class MetricsWriter:
         if enabled:
             os.makedirs(output_dir, exist_ok=True)
             if tensorboard:
-                # Imported here: 1.0 s (it loads protobuf), paid only by a run that writes TensorBoard scalars.
+                # Imported here: it imports torch where torch is installed (1.0 s), for TensorBoard runs only.
                 from tensorboardX import SummaryWriter
 
                 self._tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
