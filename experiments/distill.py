@@ -25,7 +25,21 @@ import dataclasses
 import os
 import time
 
+from grpo_jax import cli
+from grpo_jax.data import load_task
+from grpo_jax.demo_base import demo_model_path
+from grpo_jax.evaluate import evaluate_checkpoint
+from grpo_jax.flops import Workload, grpo_step_flops
 from grpo_jax.lora import LoraConfig
+from grpo_jax.metrics import plot_comparison
+from grpo_jax.models import load_tokenizer
+from grpo_jax.presets import CACHE_DIR, RECIPES, preset_config, with_edits
+from grpo_jax.presets import PRESETS as GRPO_PRESETS  # this script's PRESETS are its plans
+from grpo_jax.rejection import RejectionConfig, trace_stats, write_teacher_traces
+from grpo_jax.runs import FINAL_DIR, one_line_errors, prepare_output_dir, prompt_width, resolve_init, write_json
+from grpo_jax.sft_trainer import SFTRunConfig, run_sft
+from grpo_jax.sharding import use_cpu_devices
+from grpo_jax.trainer import train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,8 +89,6 @@ HELP = {
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from grpo_jax import cli
-
     preset = cli.preset_choice(argv, PRESETS)
     command_line = cli.CommandLine(__doc__, usage="%(prog)s [--preset NAME] [--FLAG VALUE ...]")
     command_line.add("preset", default="default", choices=sorted(PRESETS),
@@ -91,8 +103,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
-    from grpo_jax.presets import with_edits
-
     return with_edits(PRESETS[args.preset], args.edits)
 
 
@@ -101,18 +111,11 @@ def make_plan(args: argparse.Namespace) -> Plan:
 
 def r1zero_config(plan: Plan, model: str):
     """The preset's GRPO recipe for `model`: one recipe, one protocol, for every model of the comparison."""
-    from grpo_jax.presets import RECIPES, preset_config
-
     return preset_config(RECIPES[RECIPE[plan.preset]], plan.seed, model)
 
 
 def teacher_path(plan: Plan) -> str:
     """The teacher model directory: --teacher, else the demo's (training the R1-Zero default once if needed)."""
-    from grpo_jax.demo_base import demo_model_path
-    from grpo_jax.presets import CACHE_DIR, PRESETS, preset_config
-    from grpo_jax.runs import FINAL_DIR, resolve_init
-    from grpo_jax.trainer import train
-
     if plan.teacher:
         return resolve_init(plan.teacher)
     if DEFAULT_TEACHER[plan.preset] == "demo_base":
@@ -120,23 +123,17 @@ def teacher_path(plan: Plan) -> str:
     run_dir = os.path.join(CACHE_DIR, f"r1zero_default_seed{plan.seed}")
     if not os.path.exists(os.path.join(run_dir, FINAL_DIR, "config.json")):
         print(f"teacher: training the R1-Zero default policy for seed {plan.seed} into {run_dir} (once)")
-        train(preset_config(PRESETS["default"], plan.seed, edits={"output_dir": run_dir}))
+        train(preset_config(GRPO_PRESETS["default"], plan.seed, edits={"output_dir": run_dir}))
     return resolve_init(run_dir)
 
 
 def student_path(plan: Plan) -> str:
-    from grpo_jax.demo_base import demo_model_path
-    from grpo_jax.presets import CACHE_DIR
-    from grpo_jax.runs import resolve_init
-
     if plan.student:
         return resolve_init(plan.student)
     return demo_model_path("demo_student", plan.seed, os.path.join(CACHE_DIR, "demo"))
 
 
 def evaluate_model(plan: Plan, model: str) -> dict:
-    from grpo_jax.evaluate import evaluate_checkpoint
-
     return evaluate_checkpoint(r1zero_config(plan, model))
 
 
@@ -145,8 +142,6 @@ def evaluate_model(plan: Plan, model: str) -> dict:
 
 def sample_traces(plan: Plan, teacher: str, out_path: str) -> dict:
     """Rejection-sample the teacher on training problems into `out_path`; returns what was kept."""
-    from grpo_jax.rejection import RejectionConfig, trace_stats, write_teacher_traces
-
     rejection = RejectionConfig(num_samples=plan.samples, max_new_tokens=plan.trace_max_new_tokens,
                                 max_per_prompt=plan.max_per_prompt, seed=plan.seed, batch_size=128)
     records = write_teacher_traces(r1zero_config(plan, teacher), out_path, rejection, plan.num_prompts)
@@ -154,8 +149,6 @@ def sample_traces(plan: Plan, teacher: str, out_path: str) -> dict:
 
 
 def distill_student(plan: Plan, student: str, traces: str, out_dir: str) -> dict:
-    from grpo_jax.sft_trainer import SFTRunConfig, run_sft
-
     return run_sft(SFTRunConfig(model=student, data=traces, output_dir=out_dir, batch_size=plan.sft_batch_size,
                                 epochs=plan.sft_epochs, learning_rate=plan.sft_learning_rate, seed=plan.seed,
                                 lora=plan.lora))
@@ -163,11 +156,6 @@ def distill_student(plan: Plan, student: str, traces: str, out_dir: str) -> dict
 
 def rl_steps_for_budget(plan: Plan, student: str, sft_summary: dict) -> dict:
     """GRPO steps whose model FLOPs match the SFT run's (6N per trained token position)."""
-    from grpo_jax.data import load_task
-    from grpo_jax.flops import Workload, grpo_step_flops
-    from grpo_jax.models import load_tokenizer
-    from grpo_jax.runs import prompt_width
-
     config = r1zero_config(plan, student)
     task = load_task(config.task, seed=config.seed, num_eval=config.num_eval)
     width = prompt_width(config, task, load_tokenizer(student))
@@ -180,8 +168,6 @@ def rl_steps_for_budget(plan: Plan, student: str, sft_summary: dict) -> dict:
 
 
 def train_student_rl(plan: Plan, student: str, steps: int, out_dir: str) -> dict:
-    from grpo_jax.trainer import train
-
     return train(dataclasses.replace(r1zero_config(plan, student), steps=steps, output_dir=out_dir, lora=plan.lora))
 
 
@@ -189,9 +175,6 @@ def train_student_rl(plan: Plan, student: str, steps: int, out_dir: str) -> dict
 
 
 def distill(plan: Plan, output_dir: str, overwrite: bool = False) -> dict:
-    from grpo_jax.metrics import plot_comparison
-    from grpo_jax.runs import prepare_output_dir, write_json
-
     wall, started = {}, time.perf_counter()
 
     def stage(name, fn, *args):
@@ -246,9 +229,6 @@ def print_table(summary: dict) -> None:
 
 
 def main(argv=None) -> dict:
-    from grpo_jax.runs import one_line_errors
-    from grpo_jax.sharding import use_cpu_devices
-
     args = parse_args(argv)
     with one_line_errors():
         use_cpu_devices(args.cpu_devices)

@@ -27,8 +27,21 @@ import dataclasses
 import os
 import time
 
-from grpo_jax.data.arithmetic import WORKED_METHODS
-from grpo_jax.sft_trainer import SFTRunConfig
+import jax
+
+from grpo_jax import cli
+from grpo_jax.data import load_task, render_prompt
+from grpo_jax.data.arithmetic import WORKED_METHODS, worked_solution
+from grpo_jax.data.traces import write_traces
+from grpo_jax.evaluate import evaluate_checkpoint, sample_completions
+from grpo_jax.metrics import plot_comparison
+from grpo_jax.models import load_tokenizer
+from grpo_jax.presets import RECIPES, preset_config, with_edits
+from grpo_jax.rejection import RejectionConfig, trace_stats, write_teacher_traces
+from grpo_jax.runs import load_policy, one_line_errors, resolve_init, write_json
+from grpo_jax.sft_trainer import SFTRunConfig, run_sft
+from grpo_jax.sharding import use_cpu_devices
+from grpo_jax.trainer import train
 
 SFT_DEFAULTS = SFTRunConfig(model="", data="")
 
@@ -104,9 +117,6 @@ CHAT_QUESTIONS = (
 def parse_args(argv=None) -> argparse.Namespace:
     """The pipeline's flags (`args.plan`), and the GRPO recipe's (`args.edits`, with the preset's recipe values
     as their defaults)."""
-    from grpo_jax import cli
-    from grpo_jax.presets import RECIPES, with_edits
-
     preset = cli.preset_choice(argv, PRESETS)
     command_line = cli.CommandLine(__doc__, usage="%(prog)s [--preset NAME] [--FLAG VALUE ...]")
     command_line.add("preset", default="default", choices=sorted(PRESETS),
@@ -128,8 +138,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 def tagged_solution(example: dict, method: str) -> str:
     """The readable worked solution of a training example in the think/answer format: the arithmetic
     task's (`arithmetic.worked_solution` by `method`), or a data set's own "solution" text (GSM8K's)."""
-    from grpo_jax.data.arithmetic import worked_solution
-
     if "solution" in example:
         return f" <think> {example['solution']} </think> <answer> {example['answer']} </answer>"
     return worked_solution(example, method)
@@ -137,11 +145,6 @@ def tagged_solution(example: dict, method: str) -> str:
 
 def cold_start_traces(config, num_examples: int, out_path: str, method: str = "columns") -> str:
     """Worked solutions of the last training problems, rendered with the run's template, as a trace file."""
-    from grpo_jax.data import load_task, render_prompt
-    from grpo_jax.models import load_tokenizer
-    from grpo_jax.data.traces import write_traces
-    from grpo_jax.runs import resolve_init
-
     task = load_task(config.task, data_path=config.data, seed=config.seed, num_eval=config.num_eval)
     if config.task != "arithmetic" and "solution" not in task.train[0]:
         raise ValueError(f"task {config.task!r} has no worked solutions to start from: pass --cold_start FILE.jsonl")
@@ -158,11 +161,6 @@ def cold_start_traces(config, num_examples: int, out_path: str, method: str = "c
 def chat_check(config, questions=CHAT_QUESTIONS, max_new_tokens: int = 32) -> list[dict]:
     """Greedy answers of `config.model` to general questions in its tokenizer's chat template, each with
     whether it contains an expected word."""
-    import jax
-
-    from grpo_jax.evaluate import sample_completions
-    from grpo_jax.runs import load_policy
-
     _, model, params, tokenizer = load_policy(config.model, config.dtype)
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
                                              add_generation_prompt=True) for q, _ in questions]
@@ -174,15 +172,6 @@ def chat_check(config, questions=CHAT_QUESTIONS, max_new_tokens: int = 32) -> li
 
 
 def run(args: argparse.Namespace) -> dict:
-    from grpo_jax.metrics import plot_comparison
-    from grpo_jax.presets import RECIPES, preset_config
-    from grpo_jax.rejection import RejectionConfig, trace_stats, write_teacher_traces
-    from grpo_jax.runs import write_json
-    from grpo_jax.sft_trainer import run_sft
-    from grpo_jax.sharding import use_cpu_devices
-    from grpo_jax.evaluate import evaluate_checkpoint
-    from grpo_jax.trainer import train
-
     started = time.perf_counter()
     use_cpu_devices(args.cpu_devices)
     plan = args.plan
@@ -236,8 +225,6 @@ def print_summary(summary: dict, results: dict) -> None:
 
 
 def main(argv=None) -> dict:
-    from grpo_jax.runs import one_line_errors
-
     with one_line_errors():
         return run(parse_args(argv))
 

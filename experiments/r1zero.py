@@ -18,13 +18,17 @@ import argparse
 import json
 import sys
 
+from grpo_jax import cli
+from grpo_jax.evaluate import evaluate_checkpoint
+from grpo_jax.presets import PRESETS, preset_config
+from grpo_jax.runs import finished_run_summary, one_line_errors
+from grpo_jax.sharding import initialize_distributed, is_main_process, use_cpu_devices
+from grpo_jax.trainer import train
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     """The command line: `--preset` picks the base config (its values are the defaults --help shows), the
     config flags override it (`args.edits`), and the script's own flags say how to run."""
-    from grpo_jax import cli
-    from grpo_jax.presets import PRESETS
-
     preset = cli.preset_choice(argv, PRESETS)
     command_line = cli.CommandLine(__doc__, usage="%(prog)s [--preset NAME] [--FLAG VALUE ...]")
     command_line.add("preset", default="default", choices=sorted(PRESETS),
@@ -41,8 +45,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_config(args: argparse.Namespace):
     """The run's TrainConfig: the preset, edited by the flags given, checked before any model is built."""
-    from grpo_jax.presets import PRESETS, preset_config
-
     preset = PRESETS[args.preset]
     edits = dict(args.edits)
     model, seed = edits.pop("model", None), edits.pop("seed", 0)
@@ -52,24 +54,16 @@ def build_config(args: argparse.Namespace):
 
 
 def main(argv=None) -> dict:
-    from grpo_jax.runs import one_line_errors
-
     args = parse_args(argv)
     with one_line_errors():  # a user mistake or a diverged run: one line that says what is wrong and how to fix it
         return run(args)
 
 
 def run(args: argparse.Namespace) -> dict:
-    from grpo_jax import cli
-    from grpo_jax.runs import finished_run_summary
-    from grpo_jax.sharding import initialize_distributed, is_main_process, use_cpu_devices
-
     use_cpu_devices(args.cpu_devices)
     initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     config = build_config(args)
     if args.eval_only:
-        from grpo_jax.evaluate import evaluate_checkpoint
-
         metrics = evaluate_checkpoint(config)
         print(json.dumps(metrics, indent=2))
         return metrics
@@ -79,8 +73,6 @@ def run(args: argparse.Namespace) -> dict:
         if is_main_process():
             cli.print_finished(config, done)
         return done
-    from grpo_jax.trainer import train
-
     if is_main_process():
         cli.print_banner(config)
     summary = train(config)

@@ -14,6 +14,12 @@ import argparse
 import dataclasses
 import json
 
+from grpo_jax import cli
+from grpo_jax.presets import with_edits
+from grpo_jax.runs import one_line_errors
+from grpo_jax.sft_trainer import SFTRunConfig, run_sft
+from grpo_jax.sharding import use_cpu_devices
+
 HELP = {
     "data": "JSONL traces with prompt/completion text",
     "output_dir": "where metrics, checkpoints and the final model go",
@@ -35,9 +41,6 @@ HELP = {
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from grpo_jax import cli
-    from grpo_jax.sft_trainer import SFTRunConfig
-
     command_line = cli.CommandLine(__doc__, usage="%(prog)s --init_from MODEL --data TRACES [--FLAG VALUE ...]")
     command_line.add("init_from", required=True, help="a Hugging Face directory, a .gguf file, or a finished run's "
                      "output directory (its final/ export)")
@@ -47,11 +50,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
-    from grpo_jax.presets import with_edits
-    from grpo_jax.runs import one_line_errors
-    from grpo_jax.sft_trainer import SFTRunConfig, run_sft
-    from grpo_jax.sharding import use_cpu_devices
-
     args = parse_args(argv)
     with one_line_errors():
         use_cpu_devices(args.cpu_devices)

@@ -16,11 +16,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import types
 import typing
 from typing import Any
 
 from grpo_jax.lora import parse_targets
+from grpo_jax.metrics import completion_length_change
 from grpo_jax.presets import DERIVED
 
 BOOLEAN = argparse.BooleanOptionalAction  # --remat / --no-remat
@@ -344,10 +346,6 @@ def print_table(summary: dict, completion_length: tuple[float, float] | None = N
 
 def print_run_summary(config, summary: dict) -> None:
     """The end of a run: the table, then where its results are."""
-    import os
-
-    from grpo_jax.metrics import completion_length_change
-
     out = config.output_dir
     print_table(summary, completion_length_change(os.path.join(out, "metrics.jsonl")))
     print(f"(evaluation: pass@1 of {config.eval.num_samples} samples at temperature {config.eval.temperature}; "

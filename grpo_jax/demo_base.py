@@ -20,7 +20,13 @@ import os
 import time
 from collections.abc import Callable, Sequence
 
+import jax
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from grpo_jax.data import r1zero_template
 from grpo_jax.data.arithmetic import CorpusMix, pretraining_corpus
+from grpo_jax.models import ModelConfig, Transformer, save_pretrained
+from grpo_jax.sft import SFTConfig, iterate_batches, pack_documents, sft_train
 
 EOS_TOKEN, PAD_TOKEN = "<|endoftext|>", "<|pad|>"
 TAG_TOKENS = ("<think>", "</think>", "<answer>", "</answer>")
@@ -79,7 +85,8 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int = 512):
     think/answer tags are single ordinary tokens (kept by decoding, as the format reward must see them),
     and "<|endoftext|>" is the EOS token ("<|pad|>" pads).
     """
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    # Imported here: transformers costs 0.5 s, which every script's --help would pay (grpo_jax.presets imports
+    # this module), while only a seed without a shipped base model trains a tokenizer.
     from transformers import PreTrainedTokenizerFast
 
     if not 256 + len(TAG_TOKENS) + 2 < vocab_size <= 512:
@@ -105,8 +112,6 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int = 512):
 
 
 def demo_model_config(recipe: DemoBaseRecipe, tokenizer):
-    from grpo_jax.models import ModelConfig
-
     return ModelConfig(
         model_type="llama",
         vocab_size=len(tokenizer),
@@ -130,12 +135,6 @@ def pretrain_demo_base(
     log: Callable[[str], None] = print,
 ):
     """(model, params, tokenizer) after packed pretraining on the arithmetic corpus."""
-    import jax
-
-    from grpo_jax.data import r1zero_template
-    from grpo_jax.models import Transformer
-    from grpo_jax.sft import SFTConfig, iterate_batches, pack_documents, sft_train
-
     start = time.perf_counter()
     docs = pretraining_corpus(seed, recipe.num_docs, digits=recipe.digits, num_operands=recipe.num_operands,
                               ops=recipe.ops, mix=recipe.mix)
@@ -187,8 +186,6 @@ def ensure_demo_base_model(
     A directory whose `recipe.json` hash matches is reused; otherwise it is (re)built and replaced whole,
     and `recipe.json` is written last, so an interrupted build is never mistaken for a finished one.
     """
-    from grpo_jax.models import save_pretrained
-
     recipe = recipe or DemoBaseRecipe()
     digest = recipe.hash(seed)
     path = os.path.join(os.fspath(cache_dir), f"{name}_seed{seed}")

@@ -12,7 +12,9 @@ import os
 from typing import Any
 
 from grpo_jax.data import TASKS
+from grpo_jax.demo_base import demo_model_path
 from grpo_jax.lora import LoraConfig
+from grpo_jax.models.gguf import smollm2_gguf_path
 from grpo_jax.trainer import TrainConfig
 
 CACHE_DIR = os.environ.get("GRPO_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "grpo_jax"))
@@ -148,11 +150,7 @@ def resolve_model(base_model: str | None, seed: int) -> str:
     if base_model is None:
         raise ValueError("this preset needs --model PATH (a Hugging Face model directory or .gguf file)")
     if base_model == "smollm2":
-        from grpo_jax.models.gguf import smollm2_gguf_path
-
         return smollm2_gguf_path()
-    from grpo_jax.demo_base import demo_model_path
-
     # Shipped for seeds 0-2 (built by the same recipe); other seeds are pretrained here once and cached.
     return demo_model_path("demo_base", seed, os.path.join(CACHE_DIR, base_model))
 

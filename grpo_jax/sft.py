@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh
+from tqdm.auto import tqdm
 
 from grpo_jax.checkpoint import Checkpointer, abstract_with_shardings, resume_advice
 from grpo_jax.logprobs import chunked_token_logps
@@ -302,8 +303,6 @@ def sft_train(
     With a LoRA model (`model.lora`) a fresh adapter trains on the frozen `params` (checkpoints hold the
     adapter and its optimizer state), and the returned params are `with_adapter(params, adapter)`.
     """
-    from tqdm.auto import tqdm
-
     base = None
     if model.lora is not None and model.lora.enabled:
         base = params if mesh is None else shard_params(params, param_shardings(model, mesh))

@@ -28,6 +28,7 @@ import pathlib
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -346,6 +347,4 @@ def to_host(x) -> np.ndarray:
     """The whole value of a (possibly multi-host) array as NumPy, on every process."""
     if getattr(x, "is_fully_addressable", True):
         return np.asarray(x)
-    from jax.experimental import multihost_utils
-
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -15,6 +15,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from conftest import needs_devices
 from grpo_jax.lora import LoraConfig
 from grpo_jax.models import ModelConfig, Transformer
 from grpo_jax.models.transformer import KVCache
@@ -46,6 +47,9 @@ GQA = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_lay
 FORWARD_CASES = [("wide", (8, 1, 1)), ("wide", (2, 2, 2)), ("wide", (1, 1, 8)), ("wide", (1, 8, 1)),
                  ("gqa", (2, 2, 2)), ("gqa", (1, 1, 8))]
 B, T = 8, 8
+# Tests of the CPU backend itself: on a GPU or TPU machine jax runs on the accelerators instead.
+on_cpu = pytest.mark.skipif(jax.default_backend() != "cpu",
+                            reason=f"tests the CPU backend, jax runs on {jax.default_backend()}")
 
 
 def mesh_of(data, fsdp, tensor):
@@ -90,18 +94,23 @@ def single_device_run(batch):
 # ---------------------------------------------------------------------------------------- mesh
 
 
-def test_parse_mesh_and_fill():
+def test_parse_mesh():
     assert parse_mesh("data=2,fsdp=2,tensor=2") == MeshConfig(2, 2, 2)
     assert parse_mesh("tensor=4") == MeshConfig(1, 1, 4)
-    assert make_mesh(parse_mesh("data=2,fsdp=-1")).shape == {"data": 2, "fsdp": 4, "tensor": 1}
-    assert make_mesh(MeshConfig()).shape == {"data": 1, "fsdp": 8, "tensor": 1}
     assert str(MeshConfig(2, -1, 1)) == "data=2,fsdp=-1,tensor=1"
 
 
+@needs_devices(8)
+def test_mesh_fills_the_devices():
+    assert make_mesh(parse_mesh("data=2,fsdp=-1")).shape == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert make_mesh(MeshConfig()).shape == {"data": 1, "fsdp": 8, "tensor": 1}
+
+
 @pytest.mark.parametrize("text, message", [
-    ("data=2,fsdp=2,tensor=4", "mesh data=2,fsdp=2,tensor=4 needs 16 devices but 8 are available"),
-    ("data=1,fsdp=2,tensor=2", "needs 4 devices but 8 are available"),
-    ("data=3,fsdp=-1", "8 is not divisible by 3"),
+    pytest.param("data=2,fsdp=2,tensor=4", "mesh data=2,fsdp=2,tensor=4 needs 16 devices but 8 are available",
+                 marks=needs_devices(8)),
+    pytest.param("data=1,fsdp=2,tensor=2", "needs 4 devices but 8 are available", marks=needs_devices(8)),
+    pytest.param("data=3,fsdp=-1", "8 is not divisible by 3", marks=needs_devices(8)),
     ("data=-1,tensor=-1", "at most one axis may be -1"),
     ("data=0", "positive integer or -1"),
     ("pipeline=2", "bad mesh 'pipeline=2'"),
@@ -123,6 +132,7 @@ def test_mesh_on_given_devices():
 
 
 @pytest.mark.parametrize("name, axes", FORWARD_CASES, ids=[f"{n}-{'x'.join(map(str, a))}" for n, a in FORWARD_CASES])
+@needs_devices(8)
 def test_sharded_forward_equals_single_device(single_device_run, batch, name, axes):
     model, params, expected = single_device_run(name)
     mesh = mesh_of(*axes)
@@ -137,6 +147,7 @@ def test_sharded_forward_equals_single_device(single_device_run, batch, name, ax
     assert_close(logits, expected)
 
 
+@needs_devices(8)
 def test_weights_really_sharded():
     model = Transformer(WIDE)
     params = model.init(jax.random.key(0))
@@ -152,6 +163,7 @@ def test_weights_really_sharded():
     assert len(blocks) == 4
 
 
+@needs_devices(8)
 def test_lora_adapter_split_like_the_weight_it_adapts():
     model = Transformer(WIDE, lora=LoraConfig(rank=4))
     shardings = trainable_shardings(model, mesh_of(2, 2, 2))
@@ -163,6 +175,7 @@ def test_lora_adapter_split_like_the_weight_it_adapts():
                                                                                          mesh_of(2, 2, 2))
 
 
+@needs_devices(8)
 def test_indivisible_heads_fall_back_to_replicated():
     model = Transformer(GQA)  # 8 query heads, 2 kv heads
     p = shard_params(model.init(jax.random.key(0)), param_shardings(model, mesh_of(1, 1, 8)))
@@ -174,6 +187,7 @@ def test_indivisible_heads_fall_back_to_replicated():
     assert param_shardings(model, mesh_of(1, 4, 2))["layers"]["wv"].spec == P(None, "fsdp", "tensor")
 
 
+@needs_devices(8)
 def test_opt_state_sharded_like_params():
     model = Transformer(WIDE)
     mesh = mesh_of(2, 2, 2)
@@ -189,6 +203,7 @@ def test_opt_state_sharded_like_params():
     assert P() in specs
 
 
+@needs_devices(8)
 def test_sharded_optimizer_update_runs():
     """The shardings are usable as jit in/out shardings for a real optax step."""
     model = Transformer(WIDE)
@@ -216,6 +231,7 @@ def test_sharded_optimizer_update_runs():
 # ---------------------------------------------------------------------------------------- batches and cache
 
 
+@needs_devices(8)
 def test_batch_not_divisible_is_one_clear_error():
     mesh = mesh_of(2, 2, 2)
     check_batch_divisible(12, mesh)  # 12 rows over data*fsdp = 4: fine
@@ -225,12 +241,14 @@ def test_batch_not_divisible_is_one_clear_error():
         check_batch_divisible(3, mesh_of(8, 1, 1), what="prompts")
 
 
+@needs_devices(8)
 def test_batch_sharding_splits_rows_over_data_axes():
     mesh = mesh_of(2, 2, 2)
     x = jax.device_put(np.arange(8 * 3).reshape(8, 3), batch_sharding(mesh, 2))
     assert shard_shapes(x) == {(2, 3)}  # 8 rows over data*fsdp = 4, whole along tensor
 
 
+@needs_devices(8)
 def test_kv_cache_sharded_prefill_equals_single_device():
     """A prefill into a cache with rows over fsdp and kv heads over tensor: same logits and cache."""
     model = Transformer(WIDE)
@@ -267,6 +285,7 @@ def kv_cache_sharding(model: Transformer, mesh) -> KVCache:
 # ---------------------------------------------------------------------------------------- multi-host
 
 
+@needs_devices(8)
 def test_single_process_helpers():
     initialize_distributed()  # single process, no TPU: nothing to do
     initialize_distributed("127.0.0.1:1", num_processes=1, process_id=0)  # one process: nothing to do
@@ -283,6 +302,8 @@ def test_single_process_helpers():
         initialize_distributed("127.0.0.1:1234")
 
 
+@on_cpu
+@needs_devices(8)
 def test_cpu_devices_split_the_host_before_jax_starts():
     """use_cpu_devices wins over XLA_FLAGS' device count when called first; later, a different count is
     one clear error, the same count and None (a flag not given) are no-ops (this process started with 8
@@ -318,6 +339,7 @@ TWO_PROCESS_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.slow
+@on_cpu
 def test_two_processes_assemble_one_global_batch(tmp_path):
     """Two CPU processes (4 devices each) form one cluster; each loads only its rows of the batch."""
     script = tmp_path / "worker.py"

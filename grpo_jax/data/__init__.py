@@ -14,6 +14,10 @@ import os
 from collections.abc import Callable, Sequence
 
 from grpo_jax import rewards
+from grpo_jax.data.arithmetic import make_arithmetic_task
+from grpo_jax.data.countdown import make_countdown_task
+from grpo_jax.data.gsm8k import load_gsm8k_task
+from grpo_jax.data.jsonl import load_jsonl_task
 from grpo_jax.data.task import (
     Example,
     Task,
@@ -51,28 +55,20 @@ def _no_data_path(name: str, data_path) -> None:
 
 
 def _load_arithmetic(*, data_path, seed, num_train, num_eval, **kwargs) -> Task:
-    from grpo_jax.data.arithmetic import make_arithmetic_task  # imported lazily: owned by another module
-
     _no_data_path("arithmetic", data_path)
     return make_arithmetic_task(seed=seed, **_sizes(num_train, num_eval), **kwargs)
 
 
 def _load_countdown(*, data_path, seed, num_train, num_eval, **kwargs) -> Task:
-    from grpo_jax.data.countdown import make_countdown_task
-
     _no_data_path("countdown", data_path)
     return make_countdown_task(seed=seed, **_sizes(num_train, num_eval), **kwargs)
 
 
 def _load_gsm8k(*, data_path, seed, num_train, num_eval, **kwargs) -> Task:
-    from grpo_jax.data.gsm8k import load_gsm8k_task
-
     return load_gsm8k_task(data_path, seed=seed, num_train=num_train, num_eval=num_eval, **kwargs)
 
 
 def _load_jsonl(*, data_path, seed, num_train, num_eval, **kwargs) -> Task:
-    from grpo_jax.data.jsonl import load_jsonl_task
-
     return load_jsonl_task(data_path, seed=seed, num_train=num_train, num_eval=num_eval, **kwargs)
 
 

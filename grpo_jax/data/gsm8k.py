@@ -71,7 +71,7 @@ def _read_local(data_path: str | os.PathLike) -> tuple[list[Example], list[Examp
 
 def _read_tfds(data_dir: str | None) -> tuple[list[Example], list[Example]]:
     """(train, test) examples from tensorflow-datasets' prepared gsm8k data (no download is attempted)."""
-    try:
+    try:  # imported here: tensorflow-datasets is optional (the `data` extra), one way of several to get GSM8K
         import tensorflow_datasets as tfds
         from tensorflow_datasets.text.gsm8k import gsm8k  # noqa: F401  (importing registers the builder)
     except ImportError:

@@ -42,7 +42,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
 def read_parquet(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The rows of a Parquet file as dicts (needs pyarrow)."""
     path = _check_exists(path)
-    try:
+    try:  # imported here: pyarrow is optional (the `data` extra), needed only for Parquet files
         import pyarrow.parquet as pq
     except ImportError:
         raise ImportError(f"reading {path} needs pyarrow: pip install pyarrow (or convert it to JSONL)") from None

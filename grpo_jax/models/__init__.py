@@ -4,24 +4,22 @@ from __future__ import annotations
 
 import os
 
+import jax.numpy as jnp
+
 from grpo_jax.models.config import ModelConfig, RopeScaling
+from grpo_jax.models.gguf import load_gguf, tokenizer_from_gguf
+from grpo_jax.models.hf import load_hf, save_hf
 from grpo_jax.models.transformer import KVCache, Transformer, positions_from_mask
 
 
 def load_pretrained(path: str | os.PathLike, dtype=None):
     """(model, params) from a Hugging Face checkpoint directory or a .gguf file."""
-    import jax.numpy as jnp
-
     dtype = jnp.float32 if dtype is None else dtype
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path}: give a Hugging Face model directory or a .gguf file")
     if path.endswith(".gguf"):
-        from grpo_jax.models.gguf import load_gguf
-
         return load_gguf(path, dtype=dtype)
-    from grpo_jax.models.hf import load_hf
-
     return load_hf(path, dtype=dtype)
 
 
@@ -31,9 +29,9 @@ def load_tokenizer(path: str | os.PathLike):
     if not os.path.exists(path):
         raise FileNotFoundError(f"no tokenizer at {path}: give a Hugging Face model directory or a .gguf file")
     if path.endswith(".gguf"):
-        from grpo_jax.models.gguf import tokenizer_from_gguf
-
         return tokenizer_from_gguf(path)
+    # Imported here: AutoTokenizer costs 0.8 s (1.8 s where torch is installed), which every `import grpo_jax`
+    # (and a script's --help) would pay.
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -43,8 +41,6 @@ def load_tokenizer(path: str | os.PathLike):
 
 def save_pretrained(model: Transformer, params, out_dir: str | os.PathLike, tokenizer=None) -> None:
     """Write a Hugging Face checkpoint directory (config.json, model.safetensors, tokenizer files)."""
-    from grpo_jax.models.hf import save_hf
-
     save_hf(model, params, os.fspath(out_dir), tokenizer=tokenizer)
 
 

@@ -24,7 +24,12 @@ import math
 import os
 from typing import Any, Callable
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from gguf import GGUFReader
+from gguf.quants import dequantize
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from grpo_jax.models.config import ModelConfig, RopeScaling
 from grpo_jax.models.transformer import Transformer, rope_inverse_frequencies
@@ -94,8 +99,6 @@ class _GGUFFile:
     """One GGUF file: its metadata by key and its tensors by name; errors name the file."""
 
     def __init__(self, path: str | os.PathLike):
-        from gguf import GGUFReader
-
         self.path = os.fspath(path)
         try:
             self.reader = GGUFReader(self.path)
@@ -145,8 +148,6 @@ class _GGUFFile:
 
     def array(self, name: str) -> np.ndarray:
         """A tensor as float32, outermost dimension first (a projection is [out, in])."""
-        from gguf.quants import dequantize
-
         tensor = self.tensors[name]
         shape = tuple(int(n) for n in reversed(tensor.shape))
         return np.asarray(dequantize(tensor.data, tensor.tensor_type), np.float32).reshape(shape)
@@ -157,8 +158,6 @@ class _GGUFFile:
 
 def load_gguf(path: str | os.PathLike, dtype=None) -> tuple[Transformer, dict]:
     """(model, params) from a llama / qwen2 GGUF file; quantized weights are dequantized to `dtype`."""
-    import jax.numpy as jnp
-
     dtype = jnp.float32 if dtype is None else dtype
     gguf_file = _open(path)
     gguf_file.check_tensor_types()
@@ -338,9 +337,6 @@ def _check_shapes(f: _GGUFFile, shapes: dict, params: dict, prefix: str = "") ->
 
 
 def _to_device_tree(params: dict, dtype) -> dict:
-    import jax
-    import jax.numpy as jnp
-
     return jax.tree.map(lambda x: jnp.asarray(x, dtype=dtype), params)
 
 
@@ -368,8 +364,6 @@ class _PreTokenization:
 
 def _split_then_bytes(pattern: str) -> Callable[[], Any]:
     def build():
-        from tokenizers import Regex, pre_tokenizers
-
         return pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
@@ -379,14 +373,10 @@ def _split_then_bytes(pattern: str) -> Callable[[], Any]:
 
 
 def _gpt2_bytes() -> Any:
-    from tokenizers import pre_tokenizers
-
     return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
 
 
 def _digits_then_gpt2_bytes() -> Any:
-    from tokenizers import pre_tokenizers
-
     return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), _gpt2_bytes()])
 
 
@@ -403,6 +393,7 @@ _PRE_TOKENIZATIONS = {
 
 def tokenizer_from_gguf(path: str | os.PathLike):
     """A `transformers.PreTrainedTokenizerFast` built from a GGUF file's tokenizer metadata."""
+    # Imported here: transformers costs 0.5 s, which every `import grpo_jax` (and a script's --help) would pay.
     from transformers import PreTrainedTokenizerFast
 
     f = _open(path)
@@ -427,8 +418,6 @@ def tokenizer_from_gguf(path: str | os.PathLike):
 
 def _backend_tokenizer(f: _GGUFFile):
     """The `tokenizers.Tokenizer`: byte-level BPE, pre-tokenizer, added tokens, bos/eos insertion."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
-
     kind = f.require("tokenizer.ggml.model")
     if kind != "gpt2":
         raise f.error(f"tokenizer.ggml.model is {kind!r}; grpo_jax builds only byte-level BPE tokenizers ('gpt2')")
@@ -463,8 +452,6 @@ def _backend_tokenizer(f: _GGUFFile):
 
 def _post_processor(f: _GGUFFile, tokens: list[str]):
     """Byte-level offsets, plus bos / eos around each sequence where the file asks for them."""
-    from tokenizers import processors
-
     added = []
     for flag, key in (("add_bos_token", "bos_token_id"), ("add_eos_token", "eos_token_id")):
         token_id = f.get(f"tokenizer.ggml.{key}")
