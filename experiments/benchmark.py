@@ -288,8 +288,8 @@ def summarize_trace(path: str, top: int = 12) -> dict:
 
     busy = per_program_ms(spans)
     total_ms = sum(map(sum, busy.values()))
-    # Not the host's tiny jits (at most 0.01 ms each in the test's profile): a program stays at 1% of the busy time, or at 0.5 ms,
-    # since on a loaded machine the update's spans stretch and a short rollout can fall under 1%.
+    # Not the host's tiny jits (at most 0.01 ms each in the test's profile): a program stays at 1% of the busy
+    # time, or at 0.5 ms, since on a loaded machine the update's spans stretch and a short rollout falls under 1%.
     programs = [program for program, ms in busy.items() if sum(ms) >= min(0.01 * total_ms, 0.5)]
     collective = per_program_ms(collective_spans)
     return {
