@@ -118,6 +118,9 @@ RUN_MARKER = "grpo_jax_run"  # a key of the config.json that a stage writes: the
 # path are the same. Where a run lives is never compared: a moved or copied run is the same run.
 PATH_FIELDS = ("model", "data", "checkpoint_dir", "teacher", "student")
 NOT_COMPARED = ("output_dir", "checkpoint_dir", RUN_MARKER)
+# Fields that older runs wrote and that now live at another path, {old: new}: a saved run that holds both is
+# compared at the new path, so that it still resumes. (Runs used to record the sampling temperature twice.)
+MOVED_FIELDS = {"temperature": "grpo.temperature"}
 
 
 def run_config(config: dict) -> dict:
@@ -134,6 +137,7 @@ def config_differences(saved: dict, config: dict, resumable: Sequence[str] = ())
     `config` differ, apart from the `resumable` ones, which may change between a run and its resumption."""
     saved, now = flat_fields(run_config(saved)), flat_fields(run_config(config))
     skip = set(resumable) | set(NOT_COMPARED)
+    skip |= {old for old, new in MOVED_FIELDS.items() if old in saved and new in saved and old not in now}
     return sorted(k for k in set(saved) | set(now) if k not in skip and saved.get(k) != now.get(k))
 
 

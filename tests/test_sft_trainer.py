@@ -19,7 +19,7 @@ from grpo_jax.lora import LoraConfig
 from grpo_jax.models import ModelConfig, Transformer, load_pretrained, load_tokenizer, save_pretrained
 from grpo_jax.optim import make_optimizer
 from grpo_jax.data.traces import read_traces, write_traces
-from grpo_jax.runs import export_policy, prepare_output_dir, resolve_init
+from grpo_jax.runs import config_differences, export_policy, prepare_output_dir, resolve_init
 from grpo_jax.sft import SFTConfig, iterate_batches, pack_documents, sft_train
 from grpo_jax.sft_trainer import SFTRunConfig, run_sft, sft_examples
 from grpo_jax.sharding import make_mesh, parse_mesh
@@ -258,3 +258,13 @@ def test_overwrite_deletes_only_a_run_of_ours_that_holds_no_model_being_read(tmp
     assert (run_dir / "final" / "model.safetensors").exists()
     prepare_output_dir(str(run_dir), {**RUN, "seed": 1}, overwrite=True, reads=(str(model_dir),))
     assert os.listdir(run_dir) == ["config.json"]  # another run of ours: deleted, then started afresh
+
+
+def test_a_run_that_recorded_a_field_at_its_old_path_still_matches():
+    """Runs used to record the sampling temperature twice (top level and grpo.temperature): such a run still
+    resumes, and a changed value at the new path is still a difference."""
+    now = {"model": "/m", "grpo": {"temperature": 1.0, "beta": 0.04}}
+    older = {"model": "/m", "temperature": 1.0, "grpo": {"temperature": 1.0, "beta": 0.04}}
+    assert config_differences(older, now) == []
+    assert config_differences(older, {**now, "grpo": {"temperature": 0.7, "beta": 0.04}}) == ["grpo.temperature"]
+    assert config_differences({"model": "/m", "temperature": 1.0}, {"model": "/m"}) == ["temperature"]
