@@ -22,7 +22,7 @@ import typing
 from typing import Any
 
 from grpo_jax.lora import parse_targets
-from grpo_jax.metrics import completion_length_change
+from grpo_jax.metrics import HEADLINE_EVAL_METRICS, completion_length_change
 from grpo_jax.presets import DERIVED
 
 BOOLEAN = argparse.BooleanOptionalAction  # --remat / --no-remat
@@ -317,8 +317,6 @@ def add_runtime_flags(command_line: CommandLine, multi_host: bool = True) -> Non
 
 # ---------------------------------------------------------------------------------------------- what a run prints
 
-TABLE_METRICS = ("pass@1", "format_rate", "accuracy_any_format", "greedy_accuracy")
-
 
 def print_banner(config) -> None:
     """What the run is about to do, and where its output goes."""
@@ -333,7 +331,7 @@ def print_banner(config) -> None:
 def print_table(summary: dict, completion_length: tuple[float, float] | None = None) -> None:
     """The evaluation before and after training, metric by metric, and the rollouts' completion length."""
     before, after = summary.get("eval_before") or {}, summary.get("eval_after") or {}
-    keys = [k for k in TABLE_METRICS if k in after]
+    keys = [k for k in HEADLINE_EVAL_METRICS if k in after]
     keys += sorted(k for k in after if k.startswith(("pass@", "cons@")) and k not in keys)
     print(f"\n{'metric':<26}{'before':>10}{'after':>10}{'change':>10}")
     rows = [(k, before.get(k), after[k]) for k in keys]

@@ -9,6 +9,8 @@ import os
 import jax
 import numpy as np
 
+from grpo_jax.models.hf import read_json
+
 # What the end-of-run figure shows, in this order: (metric key, panel title).
 PLOT_PANELS = (
     ("reward/mean", "reward"),
@@ -63,12 +65,15 @@ class MetricsWriter:
             self._tb.close()
 
 
+# The evaluation's headline metrics, in the order the run's lines and table show them.
+HEADLINE_EVAL_METRICS = ("pass@1", "format_rate", "accuracy_any_format", "greedy_accuracy")
+
+
 def log_evaluation(label: str, metrics: dict | None) -> None:
     """One line of an evaluation's headline metrics, labelled ("before training"), on the main process."""
     if metrics is None or jax.process_index() != 0:
         return
-    shown = [f"{k} {metrics[k]:.3f}" for k in ("pass@1", "format_rate", "accuracy_any_format", "greedy_accuracy")
-             if metrics.get(k) is not None]
+    shown = [f"{k} {metrics[k]:.3f}" for k in HEADLINE_EVAL_METRICS if metrics.get(k) is not None]
     print(f"eval {label}: {', '.join(shown)}", flush=True)
 
 
@@ -102,7 +107,8 @@ def plot_metrics(metrics_path: str, out_png: str, panels=PLOT_PANELS) -> str:
     plt = pyplot()
 
     run_dir = os.path.dirname(metrics_path)
-    config, summary = (_read_json_if_exists(os.path.join(run_dir, name)) for name in ("config.json", "summary.json"))
+    config, summary = (read_json(path) if os.path.exists(path) else None
+                       for path in (os.path.join(run_dir, "config.json"), os.path.join(run_dir, "summary.json")))
     records = read_metrics(metrics_path)
     panels = [(key, title) for key, title in panels if any(r.get(key) is not None for r in records)]
     cols = 3
@@ -143,13 +149,6 @@ def _mark_evaluations(ax, summary: dict | None, last_step: int) -> None:
             ax.plot([step], [value], marker="D", color="C3", ls="none")
             ax.annotate(f"eval {label}: {value:.2f}", (step, value), textcoords="offset points", xytext=(4, 6),
                         fontsize=7, color="C3")
-
-
-def _read_json_if_exists(path: str) -> dict | None:
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
 
 
 def completion_length_change(metrics_path: str) -> tuple[float, float] | None:
