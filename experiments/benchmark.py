@@ -47,9 +47,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from grpo_jax import rollout
-from grpo_jax.flops import Workload, kv_cache_mb, rollout_bytes, rollout_flops, update_flops
+from grpo_jax.flops import Workload, kv_cache_mb, rollout_bytes, rollout_flops, step_matmuls, update_flops
 from grpo_jax.grpo import GRPOConfig
+from grpo_jax.logprobs import chunk_tokens_for
 from grpo_jax.lora import add_lora_flags, count_params, lora_config_from_args
+from grpo_jax.memory import needs_remat
 from grpo_jax.metrics import pyplot
 from grpo_jax.models import ModelConfig, Transformer, load_pretrained
 from grpo_jax.optim import OptimizerConfig, make_optimizer
@@ -101,6 +103,17 @@ def measure_peak_gflops(size: int = 2048, dtype=jnp.float32, repeats: int = 10) 
     keys = jax.random.split(jax.random.key(0), 2)
     a, b = (jax.random.normal(k, (size, size), dtype) for k in keys)
     return 2 * size**3 / _best_time(jax.jit(jnp.matmul), a, b, repeats=repeats) / 1e9
+
+
+def matmul_floor_s(c: ModelConfig, w: Workload, num_microbatches: int, dtype, repeats: int = 5) -> dict:
+    """Seconds that the step's matmuls alone take (`flops.step_matmuls`), each shape timed on its own (best of
+    `repeats`) and counted as often as the step runs it: what no implementation on XLA's matmuls beats here."""
+    chunk_tokens = chunk_tokens_for(c.vocab_size, w.grpo.logits_chunk_mb)
+    floor = {}
+    for part, counts in step_matmuls(c, w, num_microbatches, chunk_tokens).items():
+        floor[part] = sum(times * _best_time(jax.jit(jnp.matmul), jnp.ones((m, k), dtype), jnp.ones((k, n), dtype),
+                                             repeats=repeats) for (m, k, n), times in counts.items())
+    return dict(floor, step=sum(floor.values()))
 
 
 def measure_bandwidth_gbs(megabytes: int = 1024, repeats: int = 5) -> float:
@@ -158,7 +171,10 @@ def load_model(args) -> tuple[Transformer, dict]:
         model = Transformer(parse_random_model(args.random_model), dtype)
         params = model.init(jax.random.key(args.seed), std=0.02)
     lora = lora_config_from_args(args)
-    return dataclasses.replace(model, remat=args.remat, lora=lora if lora.enabled else None), params
+    remat = args.remat
+    if remat is None:  # as the trainer decides it: on where one row does not fit the memory budget without it
+        remat = needs_remat(model.config, args.prompt_len + args.max_new_tokens, dtype.itemsize, jax.devices()[0])
+    return dataclasses.replace(model, remat=remat, lora=lora if lora.enabled else None), params
 
 
 def reward_low_ids(tokens: np.ndarray, mask: np.ndarray, vocab: int) -> np.ndarray:
@@ -382,6 +398,7 @@ def workload_record(w: Workload) -> dict:
 
 def run(args) -> dict:
     model, params = load_model(args)
+    args.remat = model.remat  # as chosen, for the report
     c = model.config
     if args.prompt_len + args.max_new_tokens > c.max_position_embeddings:
         print(f"note: prompt_len + max_new_tokens = {args.prompt_len + args.max_new_tokens} exceeds the model's "
@@ -389,6 +406,9 @@ def run(args) -> dict:
     w = workload_from_args(args)
     peak = measure_peak_gflops(args.peak_size, model.dtype)
     step = GRPOStep(model, params, w, args)
+    # The micro-batches the update uses (chosen from the memory budget when not given), for the report.
+    chosen = step.update.microbatches(w.num_prompts * w.group_size, w.prompt_len + w.max_new_tokens)
+    w = dataclasses.replace(w, grpo=dataclasses.replace(w.grpo, num_microbatches=chosen))
     records, traces = [], []
     for i in range(args.steps):
         records.append(step(i))
@@ -404,6 +424,8 @@ def run(args) -> dict:
     result = dict(summarize(records, traces, memory, c, w, max(peak_readings), bandwidth, args, step.trainable_params),
                   **peaks,
                   peak_gflops_readings=peak_readings)
+    if args.matmul_floor:
+        result["matmul_floor_s"] = matmul_floor_s(c, w, w.grpo.num_microbatches, model.dtype)
     if args.profile:
         result["profile"] = profile_step(step, args.steps, args.profile)
     return result
@@ -431,7 +453,9 @@ def sweep_point_command(args, flag: str, value: int) -> list[str]:
     settings[flag] = value
     if flag == "max_new_tokens":
         settings["min_new_tokens"] = value
-    command = [sys.executable, os.path.abspath(__file__), "--no-memory_analysis", "--remat" if args.remat else "--no-remat"]
+    command = [sys.executable, os.path.abspath(__file__), "--no-memory_analysis"]
+    if args.remat is not None:
+        command.append("--remat" if args.remat else "--no-remat")
     if args.model:
         command += ["--model", args.model]
     for name, setting in settings.items():
@@ -518,14 +542,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=6, help="GRPO steps; the first compiles and is left out of medians")
     p.add_argument("--mesh", default="data=-1", help="e.g. data=-1 or fsdp=2,tensor=2")
     add_cpu_devices_flag(p)
-    p.add_argument("--remat", action=argparse.BooleanOptionalAction, default=False,
-                   help="recompute attention and elementwise work in the backward (Transformer.remat)")
+    p.add_argument("--remat", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute attention and elementwise work in the backward (Transformer.remat; default: on "
+                        "only where one row does not fit the memory budget without it)")
     add_lora_flags(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--peak_size", type=int, default=None,
                    help="side of the square matmul that measures peak_gflops (default 2048 on CPU, 8192 on accelerators)")
     p.add_argument("--bandwidth_mb", type=int, default=1024,
                    help="size of the array whose read measures peak_bandwidth_gbs (larger than the CPU's caches)")
+    p.add_argument("--matmul_floor", action="store_true",
+                   help="also time each of the step's matmul shapes alone: the step's floor on this machine")
     p.add_argument("--memory_analysis", action=argparse.BooleanOptionalAction, default=True,
                    help="after timing, compile both programs once more to report XLA's planned memory")
     p.add_argument("--profile", metavar="TRACE_DIR", default=None,
@@ -545,7 +572,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.peak_size = 2048 if jax.default_backend() == "cpu" else 8192
     for name in ("num_prompts", "group_size", "prompt_len", "max_new_tokens", "steps", "num_iterations",
                  "num_minibatches", "num_microbatches", "peak_size", "bandwidth_mb"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.group_size < 2:
         p.error(f"--group_size must be >= 2 (advantages compare samples of one prompt), got {args.group_size}")
@@ -553,7 +580,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--min_new_tokens must be in [0, --max_new_tokens={args.max_new_tokens}], got {args.min_new_tokens}")
     if args.beta < 0:
         p.error(f"--beta must be >= 0, got {args.beta}")
-    if (args.num_prompts * args.group_size) % (args.num_minibatches * args.num_microbatches):
+    if (args.num_prompts * args.group_size) % (args.num_minibatches * (args.num_microbatches or 1)):
         p.error(f"--num_minibatches x --num_microbatches = {args.num_minibatches} x {args.num_microbatches} must "
                 f"divide the {args.num_prompts * args.group_size} rows (num_prompts x group_size)")
     try:

@@ -71,7 +71,8 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     c = parse_random_model(args.random_model)
-    grpo = GRPOConfig(beta=args.beta, num_minibatches=args.num_minibatches, num_microbatches=args.num_microbatches)
+    # PyTorch has no memory-based choice: one micro-batch unless --num_microbatches says otherwise.
+    grpo = GRPOConfig(beta=args.beta, num_minibatches=args.num_minibatches, num_microbatches=args.num_microbatches or 1)
     w = Workload(args.num_prompts, args.group_size, args.prompt_len, args.max_new_tokens, grpo)
     model = hf_model(c, dtype, DEVICE)
     reference = hf_model(c, dtype, DEVICE).eval() if grpo.uses_reference else None

@@ -80,7 +80,8 @@ HELP = {
     "top_p": "nucleus sampling of the rollouts (1: off)",
     "top_k": "top-k sampling of the rollouts (0: off)",
     "dtype": "float32 | bfloat16",
-    "remat": "recompute attention in the backward: far less activation memory on long completions",
+    "remat": "recompute attention in the backward: far less activation memory on long completions (default: on "
+             "only where one row does not fit the memory budget without it)",
     "mesh": "device mesh, e.g. data=2,fsdp=2,tensor=2 (-1 fills the rest)",
     "eval_before": "evaluate before training too",
     "eval_every": "evaluate every N steps (0: only before and after)",
@@ -103,7 +104,7 @@ HELP = {
     "grpo.num_iterations": "μ: optimizer passes over each generation batch",
     "grpo.num_minibatches": "optimizer steps per pass",
     "grpo.num_microbatches": "forward/backward passes per optimizer step, gradients accumulated (less memory, "
-                             "same result)",
+                             "same result; default: the fewest whose activations fit the memory budget)",
     "grpo.temperature": "sampling temperature of the rollouts; the training log-probs use the same",
     "grpo.max_completion_length": "dr_grpo's normalizer L",
     "grpo.kl_bias_correction": "multiply the KL estimate by the importance ratio",

@@ -10,9 +10,11 @@ Two grains share one pass count (`update_passes`):
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 
 from grpo_jax.grpo import GRPOConfig
+from grpo_jax.logprobs import chunk_layout
 from grpo_jax.models import ModelConfig
 
 
@@ -106,6 +108,47 @@ def kv_cache_mb(c: ModelConfig, w: Workload, bytes_per_value: int) -> float:
     """Keys and values of every layer for every row and slot (prompt + completion)."""
     slots = w.prompt_len + w.max_new_tokens
     return 2 * c.num_layers * w.rows * slots * c.num_kv_heads * c.head_dim * bytes_per_value / 2**20
+
+
+# ---------------------------------------------------------------------------------------------- matmul shapes
+
+
+def step_matmuls(c: ModelConfig, w: Workload, num_microbatches: int, chunk_tokens: int) -> dict[str, collections.Counter]:
+    """The matmuls of one step's decode loop and update, as {(m, k, n): how many times} per part: every
+    layer's projections and the tied head (attention's own products left out). The rollout runs
+    max_new_tokens + 1 decode steps (the last one's output unused); the update, per micro-batch of the
+    minibatches, the policy's forward and both backward products (dX and dW) of each, the head in chunks of at
+    most `chunk_tokens` completion tokens (recomputed in the backward), and a forward per frozen pass
+    (reference, pi_old). `benchmark.py --matmul_floor` times each shape."""
+    d, f, v = c.hidden_size, c.intermediate_size, c.vocab_size
+    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    projections = [(d, q), (d, kv), (d, kv), (q, d), (d, f), (d, f), (f, d)]
+
+    def forward(m: int, times: int) -> collections.Counter:
+        out = collections.Counter()
+        for k, n in projections:
+            out[(m, k, n)] += times * c.num_layers
+        return out
+
+    def backward(m: int, times: int) -> collections.Counter:
+        out = collections.Counter()
+        for k, n in projections:
+            out[(m, n, k)] += times * c.num_layers  # dX = dY W^T
+            out[(k, m, n)] += times * c.num_layers  # dW = X^T dY
+        return out
+
+    rollout = forward(w.rows, w.max_new_tokens + 1) + collections.Counter({(w.rows, d, v): w.max_new_tokens + 1})
+    parts = w.grpo.num_minibatches * num_microbatches
+    rows = w.rows // parts
+    tokens = rows * (w.prompt_len + w.max_new_tokens)
+    row_groups, positions = chunk_layout(rows, w.max_new_tokens, chunk_tokens)
+    chunk, chunks = rows // row_groups * positions, row_groups * -(-w.max_new_tokens // positions)
+    mu, frozen = w.grpo.num_iterations, update_passes(w.grpo) - 3 * w.grpo.num_iterations
+    update = forward(tokens, parts * (mu + frozen)) + backward(tokens, parts * mu)
+    update[(chunk, d, v)] += parts * chunks * (2 * mu + frozen)  # forward, recomputed in the backward; frozen passes
+    update[(chunk, v, d)] += parts * chunks * mu
+    update[(d, chunk, v)] += parts * chunks * mu
+    return {"rollout": rollout, "update": update}
 
 
 # ---------------------------------------------------------------------------------------------- 2N per token

@@ -37,9 +37,10 @@ from grpo_jax.losses import (
 )
 from grpo_jax.logprobs import DEFAULT_LOGITS_CHUNK_MB, chunk_tokens_for, chunked_token_logps
 from grpo_jax.lora import with_adapter
+from grpo_jax.memory import choose_microbatches, microbatch_budget_mb
 from grpo_jax.models.transformer import Transformer, positions_from_mask
 from grpo_jax.optim import guarded_update
-from grpo_jax.sharding import opt_state_shardings, replicated, trainable_shardings
+from grpo_jax.sharding import batch_shards, opt_state_shardings, replicated, trainable_shardings
 
 __all__ = [
     "GRPOConfig",
@@ -109,7 +110,9 @@ class GRPOConfig:
     num_minibatches: optimizer updates per pass; row i goes to minibatch i % num_minibatches.
     num_microbatches: forward/backward passes per optimizer update (gradient accumulation, TRL's
       gradient_accumulation_steps): the same loss and gradient up to float rounding, in a fraction of the
-      activation memory; on CPU also faster at long completions (the working set stays in cache).
+      activation memory; on CPU also faster at long completions (the working set stays in cache). None (the
+      default): the fewest whose activations fit `memory.microbatch_budget_mb` (`memory.choose_microbatches`,
+      from the model and the batch's shape).
     temperature: the sampling temperature; training log-probs use logits / temperature as the sampler.
     max_completion_length: dr_grpo's normalizer L (defaults to the batch's completion width).
     kl_bias_correction: multiply the KL estimate by the importance ratio.
@@ -131,7 +134,7 @@ class GRPOConfig:
     epsilon_high: float = 0.2
     num_iterations: int = 1
     num_minibatches: int = 1
-    num_microbatches: int = 1
+    num_microbatches: int | None = None
     temperature: float = 1.0
     max_completion_length: int | None = None
     kl_bias_correction: bool = False
@@ -165,7 +168,7 @@ class GRPOConfig:
         if self.epsilon_high <= 0:
             raise ValueError(f"epsilon_high must be > 0, got {self.epsilon_high}")
         for name in ("num_iterations", "num_minibatches", "num_microbatches"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.logits_chunk_mb <= 0:
             raise ValueError(f"logits_chunk_mb must be > 0, got {self.logits_chunk_mb}")
@@ -190,7 +193,11 @@ class GRPOConfig:
 
     def check_rows(self, rows: int) -> None:
         """One update's rows must split evenly into minibatches and their micro-batches."""
-        if rows % (self.num_minibatches * self.num_microbatches):
+        if self.num_microbatches is None:
+            if rows % self.num_minibatches:
+                raise ValueError(f"{rows} rows per update are not divisible by num_minibatches = "
+                                 f"{self.num_minibatches}: change it, or the rows per step")
+        elif rows % (self.num_minibatches * self.num_microbatches):
             raise ValueError(
                 f"{rows} rows per update are not divisible by num_minibatches x num_microbatches = "
                 f"{self.num_minibatches} x {self.num_microbatches}: change either, or the rows per step"
@@ -343,7 +350,21 @@ class UpdateFn:
         the trainable params."""
         return with_adapter(frozen, trainable, dropout_key) if self._lora else trainable
 
-    def _dropout_keys(self, step: jax.Array):
+    def microbatches(self, rows: int, seq_len: int) -> int:
+        """Micro-batches per minibatch for `rows` rows of `seq_len` (prompt + completion) tokens: the config's
+        count, or the fewest whose activations fit the memory budget on each device (`memory`)."""
+        if self.config.num_microbatches is not None:
+            return self.config.num_microbatches
+        row_shards = batch_shards(self.mesh)
+        minibatch_rows = rows // self.config.num_minibatches
+        if minibatch_rows % row_shards:
+            row_shards = 1
+        device = jax.devices()[0] if self.mesh is None else self.mesh.devices.flat[0]
+        return choose_microbatches(self.model.config, minibatch_rows, seq_len, jnp.dtype(self.model.dtype).itemsize,
+                                   remat=self.model.remat, budget_mb=microbatch_budget_mb(device, self.model.config),
+                                   row_shards=row_shards)
+
+    def _dropout_keys(self, step: jax.Array, num_microbatches: int):
         """One key per micro-batch [mu, M, K] for the adapter's dropout (None without dropout): a function of
         the update's step, so that a resumed run draws the same masks. (Where data replicas sum their own
         micro-batch gradients, `_per_replica`, each replica draws masks for its rows alone: other masks
@@ -352,7 +373,7 @@ class UpdateFn:
         if not self._lora or self.model.lora.dropout == 0:
             return None
         return jax.random.split(jax.random.fold_in(jax.random.key(0), step),
-                                (cfg.num_iterations, cfg.num_minibatches, cfg.num_microbatches))
+                                (cfg.num_iterations, cfg.num_minibatches, num_microbatches))
 
     def _logps(self, params, batch: TrainBatch):
         return token_logps(
@@ -384,7 +405,7 @@ class UpdateFn:
         totals = BatchTotals.of(mask.reshape(-1, mask.shape[-1]))
         grad_fn = jax.value_and_grad(lambda p, key, *inputs: self._loss(p, frozen, key, *inputs), has_aux=True)
         inputs = (microbatches, old_logps, ref_logps)
-        if self.config.num_microbatches == 1:
+        if mask.shape[0] == 1:
             first = jax.tree.map(lambda x: x[0], (dropout_keys, inputs))
             return grad_fn(params, first[0], *first[1], totals)
         replicas = self._replicas(rows=mask.shape[1])
@@ -444,7 +465,9 @@ class UpdateFn:
     def _update(self, state: TrainState, ref_params, batch: TrainBatch):
         self.trace_count += 1
         cfg = self.config
-        minibatches = _split_minibatches(batch, cfg.num_minibatches, cfg.num_microbatches)
+        rows, seq_len = batch.prompt_tokens.shape[0], batch.prompt_tokens.shape[1] + batch.completion_tokens.shape[1]
+        num_microbatches = self.microbatches(rows, seq_len)
+        minibatches = _split_minibatches(batch, cfg.num_minibatches, num_microbatches)
         if cfg.old_logps_from_sampler:
             old_logps = minibatches.sampling_logps
         elif cfg.num_iterations > 1:
@@ -458,7 +481,8 @@ class UpdateFn:
             return jax.lax.scan(step, carry, (minibatches, old_logps, ref_logps, dropout_keys))
 
         (params, opt_state), metrics = jax.lax.scan(
-            one_pass, (state.params, state.opt_state), self._dropout_keys(state.step), length=cfg.num_iterations
+            one_pass, (state.params, state.opt_state), self._dropout_keys(state.step, num_microbatches),
+            length=cfg.num_iterations
         )
         metrics = {
             name: _METRIC_REDUCTIONS.get(name, jnp.nanmean)(values.reshape(-1)) for name, values in metrics.items()

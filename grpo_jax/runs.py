@@ -98,7 +98,7 @@ def load_run_inputs(config):
     task = load_task(config.task, data_path=config.data, seed=config.seed, num_train=config.num_train,
                      num_eval=config.num_eval, reward_funcs=config.reward_funcs, reward_weights=config.reward_weights,
                      **config.task_options)
-    _, model, params, tokenizer = load_policy(config.model, config.dtype, config.remat)
+    _, model, params, tokenizer = load_policy(config.model, config.dtype, bool(config.remat))
     if config.lora.enabled:
         model = dataclasses.replace(model, lora=config.lora)
     return task, model, params, tokenizer

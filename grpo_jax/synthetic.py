@@ -66,7 +66,8 @@ def add_workload_flags(p: argparse.ArgumentParser, dtype: str = "float32") -> No
     p.add_argument("--beta", type=float, default=GRPOConfig().beta)
     p.add_argument("--num_minibatches", type=int, default=1,
                    help="optimizer steps per pass (the rows are split; bounds the update's activation memory)")
-    p.add_argument("--num_microbatches", type=int, default=1,
+    p.add_argument("--num_microbatches", type=int, default=None,
                    help="forward/backward passes per optimizer step, gradients accumulated (TRL's "
-                        "gradient_accumulation_steps: 8 in the peer's GRPO step)")
+                        "gradient_accumulation_steps: 8 in the peer's GRPO step; default: the fewest whose "
+                        "activations fit the memory budget, grpo_jax.memory)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=dtype)

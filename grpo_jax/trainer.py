@@ -27,6 +27,7 @@ from grpo_jax.data import render_prompt, reward_inputs
 from grpo_jax.evaluate import EvalConfig, evaluate
 from grpo_jax.grpo import GRPOConfig
 from grpo_jax.lora import LoraConfig, with_adapter
+from grpo_jax.memory import needs_remat
 from grpo_jax.metrics import MetricsWriter, log_evaluation, plot_metrics
 from grpo_jax.optim import OptimizerConfig, make_optimizer
 from grpo_jax.rollout import SamplingConfig, make_generate_fn
@@ -98,7 +99,9 @@ class TrainConfig:
     top_p: float = 1.0
     top_k: int = 0
     dtype: str = "float32"
-    remat: bool = False  # recompute attention in the backward (Transformer.remat): long completions on GPU/TPU
+    # recompute attention in the backward (Transformer.remat); None: on where one row's activations would not
+    # fit the device's budget without it (`memory.needs_remat`)
+    remat: bool | None = None
     lora: LoraConfig = LoraConfig()  # rank 0: full fine-tune; else train an adapter on the frozen base
     grpo: GRPOConfig = GRPOConfig()
     optim: OptimizerConfig = OptimizerConfig()
@@ -193,6 +196,10 @@ class Trainer:
                 f"context ({self.model.config.max_position_embeddings}): lower --max_prompt_len or --max_new_tokens"
             )
         self.eos_ids = tuple(tokenizer_eos_ids(self.tokenizer))
+        if cfg.remat is None:
+            remat = needs_remat(self.model.config, self.prompt_width + cfg.max_new_tokens,
+                                jnp.dtype(self.model.dtype).itemsize, self.mesh.devices.flat[0])
+            self.model = dataclasses.replace(self.model, remat=remat)
 
         # With LoRA the state trains the adapter; the base params stay frozen and are also the reference.
         setup = init_training(self.model, params, cfg.grpo, make_optimizer(cfg.optim), self.mesh, cfg.seed)

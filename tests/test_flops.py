@@ -6,9 +6,15 @@ import numpy as np
 import pytest
 
 from grpo_jax import flops
-from grpo_jax.flops import Workload
+from grpo_jax.flops import (
+    Workload,
+    dense_flops_per_token,
+    lm_head_flops_per_token,
+    step_matmuls,
+    update_passes,
+)
 from grpo_jax.grpo import GRPOConfig
-from grpo_jax.models import Transformer
+from grpo_jax.models import ModelConfig, Transformer
 from grpo_jax.synthetic import parse_random_model
 
 TINY = "vocab=64,hidden=32,ffn=64,layers=2,heads=4,kv_heads=2"
@@ -97,3 +103,21 @@ def test_grpo_step_flops_at_2n_per_token_by_hand():
     # mu = 2 adds two policy passes and the pi_old forward: 3 more forwards of the 28 update tokens
     mu2 = Workload(2, 2, 3, 4, GRPOConfig(beta=0.04, num_iterations=2))
     assert flops.grpo_step_flops(mu2, num_params=1_000) == 268_000 + 2 * 1_000 * 4 * 28
+
+
+def test_step_matmuls_add_up_to_the_flop_model():
+    """With each matmul costing 2mkn, the step's matmuls are the FLOP model's work without attention (and
+    without the rollout's prefill), plus the decode loop's unused last step and the head recomputed in the
+    backward."""
+    c = ModelConfig(model_type="qwen2", vocab_size=512, hidden_size=64, intermediate_size=96, num_layers=3,
+                    num_heads=4, num_kv_heads=2, tie_embeddings=True)
+    w = Workload(num_prompts=2, group_size=4, prompt_len=8, max_new_tokens=12, grpo=GRPOConfig(num_iterations=2))
+    matmuls = step_matmuls(c, w, num_microbatches=2, chunk_tokens=20)
+    cost = {part: sum(2 * m * k * n * times for (m, k, n), times in counter.items()) for part, counter in matmuls.items()}
+    per_token = dense_flops_per_token(c) + lm_head_flops_per_token(c)
+    assert cost["rollout"] == w.rows * (w.max_new_tokens + 1) * per_token
+    length = w.prompt_len + w.max_new_tokens
+    without_attention = update_passes(w.grpo) * w.rows * (length * dense_flops_per_token(c)
+                                                          + w.max_new_tokens * lm_head_flops_per_token(c))
+    recomputed_head = w.grpo.num_iterations * w.rows * w.max_new_tokens * lm_head_flops_per_token(c)
+    assert cost["update"] == without_attention + recomputed_head
