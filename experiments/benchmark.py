@@ -107,7 +107,7 @@ def measure_peak_gflops(size: int = 2048, dtype=jnp.float32, repeats: int = 10) 
 
 def matmul_floor_s(c: ModelConfig, w: Workload, num_microbatches: int, dtype, repeats: int = 5) -> dict:
     """Seconds that the step's matmuls alone take (`flops.step_matmuls`), each shape timed on its own (best of
-    `repeats`) and counted as often as the step runs it: what no implementation on XLA's matmuls beats here."""
+    `repeats`) and counted as often as the step runs it: a floor for a step made of these matmuls here."""
     chunk_tokens = chunk_tokens_for(c.vocab_size, w.grpo.logits_chunk_mb)
     floor = {}
     for part, counts in step_matmuls(c, w, num_microbatches, chunk_tokens).items():

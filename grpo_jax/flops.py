@@ -44,11 +44,16 @@ def update_passes(grpo: GRPOConfig) -> int:
 # ---------------------------------------------------------------------------------------------- per token
 
 
-def dense_flops_per_token(c: ModelConfig) -> int:
-    """Multiply-adds x 2 of one token through every layer's q/k/v/o projections and gated MLP."""
+def layer_projections(c: ModelConfig) -> list[tuple[int, int]]:
+    """(inputs, outputs) of each of a layer's matmuls: q, k, v, o, then the MLP's gate, up and down."""
     d, f = c.hidden_size, c.intermediate_size
     q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-    return 2 * c.num_layers * (d * (q + 2 * kv) + q * d + 3 * d * f)
+    return [(d, q), (d, kv), (d, kv), (q, d), (d, f), (d, f), (f, d)]
+
+
+def dense_flops_per_token(c: ModelConfig) -> int:
+    """Multiply-adds x 2 of one token through every layer's q/k/v/o projections and gated MLP."""
+    return 2 * c.num_layers * sum(k * n for k, n in layer_projections(c))
 
 
 def lm_head_flops_per_token(c: ModelConfig) -> int:
@@ -120,9 +125,8 @@ def step_matmuls(c: ModelConfig, w: Workload, num_microbatches: int, chunk_token
     minibatches, the policy's forward and both backward products (dX and dW) of each, the head in chunks of at
     most `chunk_tokens` completion tokens (recomputed in the backward), and a forward per frozen pass
     (reference, pi_old). `benchmark.py --matmul_floor` times each shape."""
-    d, f, v = c.hidden_size, c.intermediate_size, c.vocab_size
-    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-    projections = [(d, q), (d, kv), (d, kv), (q, d), (d, f), (d, f), (f, d)]
+    d, v = c.hidden_size, c.vocab_size
+    projections = layer_projections(c)
 
     def forward(m: int, times: int) -> collections.Counter:
         out = collections.Counter()

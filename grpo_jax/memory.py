@@ -18,7 +18,7 @@ from grpo_jax.models.config import ModelConfig
 
 # MiB of saved activations one micro-batch may keep on a CPU (the machine's RAM also holds everything else).
 CPU_MEMORY_BUDGET_MB = 1024.0
-# On an accelerator: this fraction of its memory (an H100's 80 GB: 10 GB).
+# On an accelerator: this fraction of the memory JAX may allocate there (its `bytes_limit`).
 ACCELERATOR_MEMORY_FRACTION = 1 / 8
 # The last-level cache when the system does not say (sysfs is Linux's).
 DEFAULT_CACHE_BYTES = 32 * 2**20
